@@ -1,0 +1,169 @@
+"""The `sllm` command line: convert, inspect, verify, bench.
+
+Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
+file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
+--overwrite), 4 an I/O failure such as a full disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+EXIT_FORMAT, EXIT_EXISTS, EXIT_IO = 1, 3, 4
+
+
+def _size(text: str) -> int:
+    """Parse a byte size such as 16777216, 16MiB, 4GiB or 500MB."""
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2,
+             "gb": 1000**3, "b": 1}
+    t = text.strip().lower()
+    suffix = next((s for s in units if t.endswith(s)), "")
+    number, mult = t[: len(t) - len(suffix)].strip(), units.get(suffix, 1)
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .format.convert import convert
+    from .format.spec import DEFAULT_CHUNK_BYTES, DEFAULT_PARTITION_BYTES
+
+    out = convert(
+        args.src,
+        args.dst,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        quiet=args.quiet,
+        chunk_bytes=args.chunk_size or DEFAULT_CHUNK_BYTES,
+        partition_bytes=args.partition_size or DEFAULT_PARTITION_BYTES,
+    )
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .format.reader import open_checkpoint
+
+    ckpt = open_checkpoint(args.path)
+    index = ckpt.index
+    if args.json:
+        print(index.to_json(), end="")
+        return 0
+    src = index.source
+    print(f"{args.path}: sllm format v{index.version}, layout {index.layout}")
+    print(f"  source: {src.model_id or '-'} (revision {src.revision or '-'}, from "
+          f"{src.converted_from or '-'}, by {src.converter or '-'}, {src.created or '-'})")
+    if index.engine:
+        e = index.engine
+        print(f"  engine: {e.engine} {e.engine_version}, TP {e.tensor_parallel_size} rank {e.rank}"
+              f", dtype {e.dtype}, quantization {e.quantization or 'none'}")
+    print(f"  {len(index.tensors)} tensors + {len(index.aliases)} aliases, "
+          f"{index.tensor_bytes / 1e9:.3f} GB of tensor data in {len(index.files)} file(s), "
+          f"{index.total_bytes / 1e9:.3f} GB on disk; checksum {index.checksum.algorithm} per "
+          f"{index.checksum.chunk_bytes // 1024} KiB")
+    dtypes: dict[str, int] = {}
+    for t in index.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.bytes
+    print("  dtypes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(dtypes.items())))
+    for t in index.tensors[: args.limit]:
+        print(f"    {t.name:<60} {t.dtype:<14} {str(t.shape):<20} {t.file}@{t.offset}")
+    if len(index.tensors) > args.limit:
+        print(f"    ... {len(index.tensors) - args.limit} more (--limit N, or --json)")
+    for alias, target in index.aliases.items():
+        print(f"    {alias} -> {target}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .loader.verify import verify_checkpoint
+
+    report = verify_checkpoint(args.path, threads=args.threads, raise_on_error=False)
+    for err in report.errors:
+        print(err, file=sys.stderr)
+    if not report.ok:
+        print(f"{args.path}: CORRUPT: {len(report.errors)} of {report.chunks} chunks failed",
+              file=sys.stderr)
+        return EXIT_FORMAT
+    print(f"{args.path}: OK: {report.chunks} chunks, {report.bytes / 1e9:.3f} GB verified in "
+          f"{report.seconds:.2f} s ({report.bytes / 1e9 / max(report.seconds, 1e-9):.2f} GB/s)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .loader.bench import run_bench
+
+    res = run_bench(args.path, threads=args.threads, repeats=args.repeats, cold=not args.warm_only,
+                    log=None if args.json else lambda m: print(f"... {m}", file=sys.stderr))
+    print(json.dumps(res.to_dict(), indent=1) if args.json else res.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sllm_plugin {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a safetensors model into an sllm checkpoint")
+    p.add_argument("src", help="a .safetensors file, a model directory, or a Hugging Face hub id")
+    p.add_argument("dst", help="the checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.add_argument("--chunk-size", type=_size, help="checksum chunk size (default 16MiB)")
+    p.add_argument("--partition-size", type=_size, help="max data file size (default 4GiB)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="show what a checkpoint holds")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the whole index as JSON")
+    p.add_argument("--limit", type=int, default=20, help="tensors to list (default 20)")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every chunk's checksum; exit 1 if any is corrupt")
+    p.add_argument("path")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("bench", help="load throughput warm and cold beside the raw limits")
+    p.add_argument("path")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warm-only", action="store_true", help="skip the cold measurements")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .format.errors import CheckpointExistsError, CheckpointWriteError, FormatError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FormatError as e:
+        print(f"sllm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FORMAT
+    except CheckpointExistsError as e:
+        print(f"sllm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_EXISTS
+    except (CheckpointWriteError, OSError) as e:
+        print(f"sllm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_IO
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The index file: its schema (pydantic) and every check that needs only the index itself.
+
+Checks that need the data files (existence, sizes, symlinks, checksums) live in reader.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import FormatError
+from .spec import (
+    ALIGNMENT,
+    CHECKSUM_ALGORITHM,
+    DATA_FILE_PATTERN,
+    DTYPE_ITEMSIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILENAME,
+    LAYOUT_ENGINE,
+    LAYOUTS,
+    tensor_nbytes,
+)
+
+
+class _Strict(BaseModel):
+    # A field we do not know means a writer newer than us: refuse rather than misread.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChecksumSpec(_Strict):
+    algorithm: str = CHECKSUM_ALGORITHM
+    chunk_bytes: int = Field(gt=0)
+
+
+class DataFile(_Strict):
+    name: str
+    bytes: int = Field(ge=0)
+    #: One 16-hex-digit XXH3-64 per `chunk_bytes` region of the file, in order.
+    checksums: list[str]
+
+
+class TensorEntry(_Strict):
+    name: str
+    dtype: str
+    shape: list[int]
+    file: str
+    offset: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class Source(_Strict):
+    model_id: str | None = None
+    revision: str | None = None
+    converted_from: str | None = None
+    converter: str | None = None
+    created: str | None = None
+
+
+class EngineInfo(_Strict):
+    """What an `engine` layout checkpoint is tied to; a mismatch at load time is an error."""
+
+    engine: str = "vllm"
+    engine_version: str
+    tensor_parallel_size: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    dtype: str
+    quantization: str | None = None
+    model: str | None = None
+
+
+class Index(_Strict):
+    format: str
+    version: int
+    layout: str
+    alignment: int
+    checksum: ChecksumSpec
+    files: list[DataFile]
+    tensors: list[TensorEntry]
+    aliases: dict[str, str] = Field(default_factory=dict)
+    source: Source = Field(default_factory=Source)
+    engine: EngineInfo | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all data files, padding included: what a full load reads."""
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.bytes for t in self.tensors)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
+
+
+def parse_index(text: str | bytes, where: str = INDEX_FILENAME) -> Index:
+    """Parse and fully validate an index; any problem raises FormatError naming `where`."""
+    try:
+        raw: Any = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: index is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{where}: index must be a JSON object, got {type(raw).__name__}")
+    # Version first: a newer file may legitimately have fields this reader does not know.
+    if raw.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: not an sllm index (format={raw.get('format')!r})")
+    version = raw.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(f"{where}: missing or non-integer format version ({version!r})")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{where}: format version {version} is newer than this reader supports "
+            f"({FORMAT_VERSION}); upgrade sllm_plugin"
+        )
+    if version < 1:
+        raise FormatError(f"{where}: invalid format version {version}")
+    try:
+        index = Index.model_validate(raw)
+    except ValidationError as e:
+        raise FormatError(f"{where}: invalid index: {e}") from None
+    check_index(index, where)
+    return index
+
+
+def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
+    """Semantic checks: names, dtypes, extents, overlaps, chunk tables, aliases."""
+    if index.layout not in LAYOUTS:
+        raise FormatError(f"{where}: unknown layout {index.layout!r} (expected one of {LAYOUTS})")
+    if index.layout == LAYOUT_ENGINE and index.engine is None:
+        raise FormatError(f"{where}: layout 'engine' requires the 'engine' section")
+    if index.alignment != ALIGNMENT:
+        raise FormatError(f"{where}: alignment {index.alignment} is not {ALIGNMENT}")
+    if index.checksum.algorithm != CHECKSUM_ALGORITHM:
+        raise FormatError(f"{where}: unknown checksum algorithm {index.checksum.algorithm!r}")
+    chunk = index.checksum.chunk_bytes
+    if chunk % ALIGNMENT:
+        raise FormatError(f"{where}: checksum chunk_bytes {chunk} is not a multiple of {ALIGNMENT}")
+    if not index.tensors:
+        raise FormatError(f"{where}: the checkpoint holds no tensors")
+
+    files: dict[str, DataFile] = {}
+    for f in index.files:
+        if not DATA_FILE_PATTERN.match(f.name):
+            raise FormatError(f"{where}: illegal data file name {f.name!r} (must be a plain name)")
+        if f.name in files:
+            raise FormatError(f"{where}: data file {f.name!r} listed twice")
+        if f.bytes % ALIGNMENT:
+            raise FormatError(f"{where}: data file {f.name!r} size {f.bytes} is not 4 KiB-aligned")
+        expected_chunks = -(-f.bytes // chunk)
+        if len(f.checksums) != expected_chunks:
+            raise FormatError(
+                f"{where}: data file {f.name!r} has {len(f.checksums)} checksums, expected "
+                f"{expected_chunks} ({f.bytes} bytes / {chunk}-byte chunks)"
+            )
+        for c in f.checksums:
+            if len(c) != 16 or any(ch not in "0123456789abcdef" for ch in c):
+                raise FormatError(f"{where}: data file {f.name!r}: malformed checksum {c!r}")
+        files[f.name] = f
+
+    seen: set[str] = set()
+    extents: dict[str, list[tuple[int, int, str]]] = {name: [] for name in files}
+    for t in index.tensors:
+        if not t.name:
+            raise FormatError(f"{where}: a tensor has an empty name")
+        if t.name in seen:
+            raise FormatError(f"{where}: tensor {t.name!r} listed twice")
+        seen.add(t.name)
+        if t.dtype not in DTYPE_ITEMSIZE:
+            raise FormatError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
+        if any(d < 0 for d in t.shape):
+            raise FormatError(f"{where}: tensor {t.name!r} has a negative dimension {t.shape}")
+        if t.file not in files:
+            raise FormatError(f"{where}: tensor {t.name!r} refers to unlisted file {t.file!r}")
+        expected = tensor_nbytes(t.dtype, t.shape)
+        if t.bytes != expected:
+            raise FormatError(
+                f"{where}: tensor {t.name!r}: {t.bytes} bytes recorded but dtype {t.dtype} and "
+                f"shape {t.shape} need {expected}"
+            )
+        if t.offset % ALIGNMENT:
+            raise FormatError(f"{where}: tensor {t.name!r} offset {t.offset} is not 4 KiB-aligned")
+        if t.offset + t.bytes > files[t.file].bytes:
+            raise FormatError(
+                f"{where}: tensor {t.name!r} extent [{t.offset}, {t.offset + t.bytes}) lies "
+                f"outside {t.file!r} ({files[t.file].bytes} bytes)"
+            )
+        if t.bytes:
+            extents[t.file].append((t.offset, t.offset + t.bytes, t.name))
+    for fname, spans in extents.items():
+        spans.sort()
+        for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:], strict=False):
+            if start_b < end_a:
+                raise FormatError(
+                    f"{where}: tensors {name_a!r} and {name_b!r} overlap in {fname!r}"
+                )
+
+    for alias, target in index.aliases.items():
+        if alias in seen:
+            raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
+        if target not in seen:
+            raise FormatError(f"{where}: alias {alias!r} points to unknown tensor {target!r}")
+
+
+def read_index_file(checkpoint_dir: str | Path) -> Index:
+    path = Path(checkpoint_dir) / INDEX_FILENAME
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no sllm index here; is this an sllm checkpoint?") from None
+    return parse_index(text, str(path))

@@ -1,0 +1,75 @@
+"""Constants of the on-disk format, version 1. docs/FORMAT.md is the prose of this module.
+
+Nothing here imports torch: the format is plain bytes and JSON, so the converter, the node store
+and the CLI can handle checkpoints on machines (or in processes) that never load a tensor.
+"""
+
+from __future__ import annotations
+
+import re
+
+FORMAT_NAME = "sllm"
+FORMAT_VERSION = 1
+INDEX_FILENAME = "sllm-index.json"
+
+#: Tensors start at multiples of this, and data files are padded to a multiple of it, so every
+#: read the loader issues is O_DIRECT-safe (block and page aligned) without special cases.
+ALIGNMENT = 4096
+
+#: Default size of a checksummed region of a data file (also the default read unit).
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+#: Default maximum size of one data file; a tensor is never split across files.
+DEFAULT_PARTITION_BYTES = 4 * 1024**3
+
+CHECKSUM_ALGORITHM = "xxh3-64"
+
+LAYOUT_HF = "hf"
+LAYOUT_ENGINE = "engine"
+LAYOUTS = (LAYOUT_HF, LAYOUT_ENGINE)
+
+#: A data file name: no directory part, no leading dot, nothing a shell or a path join could
+#: reinterpret. Checked before any file is opened.
+DATA_FILE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+def data_file_name(index: int) -> str:
+    return f"data-{index:05d}.bin"
+
+
+#: Every dtype a checkpoint may hold: name -> bytes per element (little-endian, row-major).
+#: The names are torch's own (`str(torch.float8_e4m3fn)` without the "torch." prefix).
+#: float4_e2m1fn_x2 packs two 4-bit values per byte; its shape counts bytes, as in torch.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+    "complex64": 8,
+    "complex128": 16,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+}
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    n = DTYPE_ITEMSIZE[dtype]
+    for dim in shape:
+        n *= dim
+    return n

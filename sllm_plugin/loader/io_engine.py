@@ -1,0 +1,165 @@
+"""Parallel reads over the compiled core: open files once, run units on worker threads.
+
+Each worker calls `_fastio.read_chunk`, which releases the GIL for the pread and the checksum,
+so N Python threads are N concurrent kernel reads. Completions are reported as they happen,
+which is what lets the next stage (a device copy, vLLM's weight loader) start early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from .. import _fastio
+from ..format.errors import FormatError
+from ..format.reader import Checkpoint
+from .plan import ReadUnit
+
+#: Above this share of pages cached, a file is read through the page cache (memory speed);
+#: below it, with O_DIRECT (disk speed without polluting the cache for other processes).
+RESIDENT_THRESHOLD = 0.5
+
+
+class FileSet:
+    """The data files of one load, each opened once, with O_DIRECT where it is wanted and works.
+
+    `direct=None` decides per file from its page-cache residency; True asks for O_DIRECT
+    everywhere it is supported (tmpfs and some network file systems refuse it: those files are
+    read buffered, silently, since the bytes are the same); False never uses it.
+    """
+
+    def __init__(self, paths: dict[str, Path], direct: bool | None = None) -> None:
+        self.paths = paths
+        self._buffered: dict[str, int] = {}
+        self._direct: dict[str, int] = {}
+        try:
+            for name, path in paths.items():
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._buffered[name] = fd
+                want = direct
+                if want is None:
+                    want = _fastio.resident_fraction(fd, os.fstat(fd).st_size) < RESIDENT_THRESHOLD
+                if want:
+                    dfd = _open_direct(path)
+                    if dfd is not None:
+                        self._direct[name] = dfd
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def direct_files(self) -> int:
+        return len(self._direct)
+
+    def read(self, unit: ReadUnit, addr: int, want_hash: bool) -> tuple[int, int | None]:
+        fd = self._direct.get(unit.file)
+        path = str(self.paths[unit.file])
+        if fd is not None:
+            try:
+                return _fastio.read_chunk(fd, addr, unit.length, unit.offset, want_hash, path)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Opened fine but refuses direct reads (some FUSE/NFS setups): go buffered.
+                self._direct.pop(unit.file, None)
+        return _fastio.read_chunk(
+            self._buffered[unit.file], addr, unit.length, unit.offset, want_hash, path
+        )
+
+    def close(self) -> None:
+        for fd in [*self._buffered.values(), *self._direct.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._buffered.clear()
+        self._direct.clear()
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_direct(path: Path) -> int | None:
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def read_checked(
+    files: FileSet, ckpt: Checkpoint, unit: ReadUnit, addr: int
+) -> None:
+    """Read one unit to `addr`; a short read or a checksum mismatch is a FormatError."""
+    n, digest = files.read(unit, addr, unit.checksum is not None)
+    if n != unit.length:
+        hit = ckpt.tensors_in(unit.file, unit.offset + n, unit.offset + unit.length)
+        names = ", ".join(repr(t.name) for t in hit[:3]) or "padding"
+        raise FormatError(
+            f"{files.paths[unit.file]}: data file ended at byte {unit.offset + n}, expected "
+            f"{unit.offset + unit.length} (truncated while loading; affects {names})"
+        )
+    if unit.checksum is not None and f"{digest:016x}" != unit.checksum:
+        hit = ckpt.tensors_in(unit.file, unit.offset, unit.offset + unit.length)
+        names = ", ".join(repr(t.name) for t in hit[:5]) or "padding only"
+        raise FormatError(
+            f"{files.paths[unit.file]}: checksum mismatch in chunk {unit.chunk} (bytes "
+            f"{unit.offset}-{unit.offset + unit.length}): expected {unit.checksum}, got "
+            f"{digest:016x}; corrupt tensor(s): {names}"
+        )
+
+
+def run_parallel(
+    units: Sequence[ReadUnit], threads: int, work: Callable[[int, int, ReadUnit], None]
+) -> Iterator[int]:
+    """Run `work(worker_id, i, units[i])` on `threads` threads; yield each i as it completes.
+
+    The first failure stops the other workers (after their current unit) and is raised here.
+    Closing the iterator early also stops them; either way all threads are joined on exit.
+    """
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(units)):
+        todo.put(i)
+    done: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def worker(worker_id: int) -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                work(worker_id, i, units[i])
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                stop.set()
+                done.put(e)
+                return
+            done.put(i)
+
+    pool = [
+        threading.Thread(target=worker, args=(k,), name=f"sllm-io-{k}", daemon=True)
+        for k in range(max(1, min(threads, len(units))))
+    ]
+    for t in pool:
+        t.start()
+    try:
+        for _ in range(len(units)):
+            item = done.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
