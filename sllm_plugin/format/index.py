@@ -28,7 +28,8 @@ from .spec import (
 
 class _Strict(BaseModel):
     # A field we do not know means a writer newer than us: refuse rather than misread.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: an offset of 4096.0, "4096" or true is a malformed index, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ChecksumSpec(_Strict):
@@ -120,7 +121,7 @@ def parse_index(text: str | bytes, where: str = INDEX_FILENAME) -> Index:
     if version < 1:
         raise FormatError(f"{where}: invalid format version {version}")
     try:
-        index = Index.model_validate(raw)
+        index = Index.model_validate_json(text)
     except ValidationError as e:
         raise FormatError(f"{where}: invalid index: {e}") from None
     check_index(index, where)
@@ -131,8 +132,12 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
     """Semantic checks: names, dtypes, extents, overlaps, chunk tables, aliases."""
     if index.layout not in LAYOUTS:
         raise FormatError(f"{where}: unknown layout {index.layout!r} (expected one of {LAYOUTS})")
-    if index.layout == LAYOUT_ENGINE and index.engine is None:
-        raise FormatError(f"{where}: layout 'engine' requires the 'engine' section")
+    if (index.layout == LAYOUT_ENGINE) != (index.engine is not None):
+        raise FormatError(f"{where}: the 'engine' section is required for layout 'engine' "
+                          "and only for it")
+    if index.engine is not None and index.engine.rank >= index.engine.tensor_parallel_size:
+        raise FormatError(f"{where}: engine rank {index.engine.rank} is out of range for "
+                          f"tensor_parallel_size {index.engine.tensor_parallel_size}")
     if index.alignment != ALIGNMENT:
         raise FormatError(f"{where}: alignment {index.alignment} is not {ALIGNMENT}")
     if index.checksum.algorithm != CHECKSUM_ALGORITHM:
@@ -145,7 +150,7 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
 
     files: dict[str, DataFile] = {}
     for f in index.files:
-        if not DATA_FILE_PATTERN.match(f.name):
+        if not DATA_FILE_PATTERN.fullmatch(f.name):
             raise FormatError(f"{where}: illegal data file name {f.name!r} (must be a plain name)")
         if f.name in files:
             raise FormatError(f"{where}: data file {f.name!r} listed twice")
@@ -200,6 +205,8 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
                 )
 
     for alias, target in index.aliases.items():
+        if not alias:
+            raise FormatError(f"{where}: an alias has an empty name")
         if alias in seen:
             raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
         if target not in seen:

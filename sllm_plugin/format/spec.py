@@ -27,9 +27,9 @@ LAYOUT_HF = "hf"
 LAYOUT_ENGINE = "engine"
 LAYOUTS = (LAYOUT_HF, LAYOUT_ENGINE)
 
-#: A data file name: no directory part, no leading dot, nothing a shell or a path join could
-#: reinterpret. Checked before any file is opened.
-DATA_FILE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+#: A data file name (matched whole): no directory part, no leading dot, ends in ".bin", nothing
+#: a shell or a path join could reinterpret. Checked before any file is opened.
+DATA_FILE_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,250}\.bin")
 
 
 def data_file_name(index: int) -> str:
