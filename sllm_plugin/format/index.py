@@ -5,6 +5,7 @@ Checks that need the data files (existence, sizes, symlinks, checksums) live in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -123,9 +124,21 @@ def parse_index(text: str | bytes, where: str = INDEX_FILENAME) -> Index:
     try:
         index = Index.model_validate_json(text)
     except ValidationError as e:
-        raise FormatError(f"{where}: invalid index: {e}") from None
+        raise FormatError(f"{where}: invalid index: {_describe(e, raw)}") from None
     check_index(index, where)
     return index
+
+
+def _describe(error: ValidationError, raw: dict) -> str:
+    """One line per problem, naming the tensor or file by name rather than by list position."""
+    parts = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) >= 2 and loc[0] in ("tensors", "files") and loc[1].isdigit():
+            with contextlib.suppress(KeyError, IndexError, TypeError):
+                loc[1] = repr(raw[loc[0]][int(loc[1])]["name"])
+        parts.append(f"{'.'.join(loc)}: {err['msg']} (got {err.get('input')!r:.60})")
+    return "; ".join(parts)
 
 
 def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
