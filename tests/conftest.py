@@ -59,3 +59,21 @@ def tiny_model_state(tiny_model) -> dict[str, torch.Tensor]:
     for f in sorted(tiny_model.glob("*.safetensors")):
         state.update(load_file(f))
     return state
+
+
+def mount_or_skip(fs_type: str, where: Path, options: str = ""):
+    """Mount a small real file system for a test (needs root; skips with the reason otherwise)."""
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a {fs_type} needs root")
+    cmd = ["mount", "-t", fs_type, *(["-o", options] if options else []), fs_type, str(where)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {fs_type} here: {r.stderr.strip()}")
+    return where
+
+
+def unmount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], check=False)

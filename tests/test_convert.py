@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bit_equal, run_cli
+from conftest import assert_bit_equal, mount_or_skip, run_cli, unmount
 from safetensors.torch import load_file, save_file
 
 from sllm_plugin import (
@@ -168,16 +168,9 @@ def test_killed_converter_leaves_nothing_valid_and_next_run_succeeds(tmp_path):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 2 MiB tmpfs: a real full disk. Needs root and mount (CI has both)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    mnt = mount_or_skip("tmpfs", tmp_path / "small", "size=2m")
     yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    unmount(mnt)
 
 
 def test_full_disk_is_refused_up_front_and_leaves_nothing(tiny_fs, tmp_path):

@@ -189,8 +189,11 @@ class CheckpointWriter:
         parent.mkdir(parents=True, exist_ok=True)
         recover_destination(self.destination)
         if expected_bytes is not None:
-            free = shutil.disk_usage(parent).free
-            if free < expected_bytes:
+            usage = shutil.disk_usage(parent)
+            # A total of 0 means the file system does not report sizes (ramfs, some FUSE):
+            # nothing to check up front; ENOSPC, if it comes, is still handled.
+            if usage.total and usage.free < expected_bytes:
+                free = usage.free
                 raise CheckpointWriteError(
                     errno.ENOSPC,
                     f"not enough space to write {self.destination}: needs about "
