@@ -53,10 +53,12 @@ The peers:
 
 ``runai-model-streamer``
     ``runai_model_streamer.SafetensorsStreamer``: ``stream_files(files, device="cpu")`` then
-    ``get_tensors()``.  Its C++ engine reads the file with many threads (direct I/O) into a ring
-    of host buffers.  With ``owned=True`` (the default since the ``owned`` flag exists) every
-    yielded tensor is a view of a buffer that is handed to the caller and never reused, so no
-    clone is needed; on older releases without that flag the tensors are cloned.
+    ``get_tensors()``.  Its C++ engine reads the file with many threads
+    (``RUNAI_STREAMER_CONCURRENCY``, default 16) with ``O_DIRECT`` (seen in strace) into a ring
+    of host buffers, so it neither uses nor fills the page cache.  With ``owned=True`` (the
+    default since the ``owned`` flag exists) every yielded tensor is a view of a buffer that is
+    handed to the caller and never reused, so no clone is needed; on older releases without
+    that flag the tensors are cloned.
 
 ``tensorizer``
     ``prepare`` serializes each shard with ``tensorizer.TensorSerializer`` into
@@ -85,6 +87,18 @@ The peers:
     ``sllm_store.torch.load_dict`` always allocates CUDA memory and is served by a running
     ``sllm-store`` gRPC server; the 0.8.0 package cannot even be built without nvcc/hipcc and
     pins ``torch==2.7.0``.  Registered as unavailable for CPU loads.
+
+Gotchas seen on a 2-core CPU VM:
+
+* runai-model-streamer and fastsafetensors read with ``O_DIRECT``: their "warm" runs do not
+  come from the page cache, so they gain little over cold runs, while the buffered peers do.
+  ``FASTSAFETENSORS_ODIRECT=0`` makes fastsafetensors buffered (warm ~2.5x faster here); runai
+  has no equivalent switch.
+* Materializing by ``.clone()`` leaves the file pages mapped while copying, so peak RSS of the
+  safetensors mmap peers is about twice the checkpoint (file pages + anonymous copy); the
+  others peak at about checkpoint size plus the interpreter.
+* Timings on a shared VM vary by 2-5x between identical runs; time each load in a fresh
+  process (as ``time`` does) and repeat.
 
 Run ``python benchmarks/peers.py verify`` to check every available peer bit for bit against
 ``safetensors.torch.load_file`` on a generated checkpoint, and ``python benchmarks/peers.py time
