@@ -5,6 +5,7 @@ The loader reads the paths it is given; which tier a path lives on is the store'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from .dtypes import torch_dtype
 from .host_memory import allocate_host
 from .io_engine import FileSet, read_checked, run_parallel
 from .plan import LoadPlan, ReadUnit, make_plan
+from .prefault import Prefaulter
 
 logger = logging.getLogger("sllm_plugin")
 
@@ -105,14 +107,17 @@ def _iter_checkpoint(
     stats.device, stats.verified, stats.files = str(device), verify, len(ckpt.index.files)
 
     started = time.perf_counter()
-    with FileSet(ckpt.file_paths, direct_io) as files:
+    with contextlib.ExitStack() as stack:
+        files = stack.enter_context(FileSet(ckpt.file_paths, direct_io))
         stats.direct_files = files.direct_files
         if device.type == "cpu":
             buffer = allocate_host(plan.total_bytes)
             base = buffer.data_ptr()
+            prefaulter = Prefaulter(base, plan.units)
+            stack.callback(prefaulter.close)
 
-            def work(_worker: int, _i: int, unit: ReadUnit) -> None:
-                read_checked(files, ckpt, unit, base + unit.dest)
+            def work(_worker: int, i: int, unit: ReadUnit) -> None:
+                read_checked(files, ckpt, unit, base + unit.dest, fresh=prefaulter.claim(i))
 
             completed = run_parallel(plan.units, threads, work)
         elif device.type == "cuda":
@@ -121,6 +126,9 @@ def _iter_checkpoint(
             buffer, completed = load_units_to_cuda(ckpt, plan, files, device, threads)
         else:
             raise ValueError(f"unsupported device {device} (expected cpu or cuda)")
+        # Runs first on exit (LIFO): workers are joined before their files close, also when
+        # the consumer stops iterating early.
+        stack.callback(completed.close)
         yield from _tensors_as_completed(ckpt, plan, buffer, completed)
     stats.seconds = time.perf_counter() - started
     logger.info("%s", stats.summary())

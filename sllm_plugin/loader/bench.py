@@ -73,6 +73,26 @@ def memcpy_gbps(repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
+def first_touch_gbps(nbytes: int, threads: int) -> float:
+    """Fault in fresh memory with `threads` threads writing zeros: the page-fault bound.
+
+    Any load into memory the caller owns must fault its pages in once; on a VM whose host backs
+    guest memory lazily this, not the copy, is the binding limit for warm loads.
+    """
+    import threading
+
+    t = time.perf_counter()
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    per = -(-nbytes // threads) // 4096 * 4096 or 4096
+    parts = [(buf.data_ptr() + o, min(per, nbytes - o)) for o in range(0, nbytes, per)]
+    workers = [threading.Thread(target=_fastio.fill_memory, args=p) for p in parts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return nbytes / 1e9 / (time.perf_counter() - t)
+
+
 def raw_read_gbps(
     path: Path, *, threads: int, direct: bool, buffer: torch.Tensor | None = None
 ) -> float:

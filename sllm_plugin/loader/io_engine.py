@@ -56,19 +56,22 @@ class FileSet:
     def direct_files(self) -> int:
         return len(self._direct)
 
-    def read(self, unit: ReadUnit, addr: int, want_hash: bool) -> tuple[int, int | None]:
+    def read(
+        self, unit: ReadUnit, addr: int, want_hash: bool, populate: bool = False
+    ) -> tuple[int, int | None]:
         fd = self._direct.get(unit.file)
         path = str(self.paths[unit.file])
         if fd is not None:
             try:
-                return _fastio.read_chunk(fd, addr, unit.length, unit.offset, want_hash, path)
+                return _fastio.read_chunk(fd, addr, unit.length, unit.offset, want_hash, path,
+                                          populate)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 # Opened fine but refuses direct reads (some FUSE/NFS setups): go buffered.
                 self._direct.pop(unit.file, None)
         return _fastio.read_chunk(
-            self._buffered[unit.file], addr, unit.length, unit.offset, want_hash, path
+            self._buffered[unit.file], addr, unit.length, unit.offset, want_hash, path, populate
         )
 
     def close(self) -> None:
@@ -98,10 +101,13 @@ def _open_direct(path: Path) -> int | None:
 
 
 def read_checked(
-    files: FileSet, ckpt: Checkpoint, unit: ReadUnit, addr: int
+    files: FileSet, ckpt: Checkpoint, unit: ReadUnit, addr: int, *, fresh: bool = False
 ) -> None:
-    """Read one unit to `addr`; a short read or a checksum mismatch is a FormatError."""
-    n, digest = files.read(unit, addr, unit.checksum is not None)
+    """Read one unit to `addr`; a short read or a checksum mismatch is a FormatError.
+
+    `fresh`: the destination was never touched, so pre-fault it in one call (see read_chunk).
+    """
+    n, digest = files.read(unit, addr, unit.checksum is not None, fresh)
     if n != unit.length:
         hit = ckpt.tensors_in(unit.file, unit.offset + n, unit.offset + unit.length)
         names = ", ".join(repr(t.name) for t in hit[:3]) or "padding"
