@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -54,12 +53,9 @@ def main() -> int:
     stats = LoadStats()
     loaded = sllm_plugin.load_state_dict(ckpt, stats=stats)
     print(f"   {stats.summary()}")
-    started = time.perf_counter()
     original: dict[str, torch.Tensor] = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         original.update(load_file(f))
-    took = time.perf_counter() - started
-    print(f"   safetensors load_file: {took:.3f} s for the same tensors")
     mismatched = [
         name for name, t in original.items()
         if not torch.equal(t.reshape(-1).view(torch.uint8),
