@@ -74,6 +74,11 @@ class FileSet:
             self._buffered[unit.file], addr, unit.length, unit.offset, want_hash, path, populate
         )
 
+    def read_buffered(self, unit: ReadUnit, addr: int) -> tuple[int, int | None]:
+        """Read through the page cache whatever the file's mode (for unaligned memory)."""
+        return _fastio.read_chunk(self._buffered[unit.file], addr, unit.length, unit.offset,
+                                  False, str(self.paths[unit.file]))
+
     def close(self) -> None:
         for fd in [*self._buffered.values(), *self._direct.values()]:
             with contextlib.suppress(OSError):

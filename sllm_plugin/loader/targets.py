@@ -1,0 +1,161 @@
+"""Read a checkpoint straight into tensors that already exist (an engine's parameters).
+
+This is the `engine` layout's fast path: the bytes go from the file into the parameter's own
+memory, once. On CPU the reads land directly in the parameters (buffered where a parameter's
+address is not O_DIRECT-aligned); on CUDA they go through the same bounded pinned ring as a
+plain CUDA load, one copy per unit into the parameter's slice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..format.errors import FormatError
+from ..format.reader import Checkpoint, open_checkpoint
+from ..format.spec import ALIGNMENT, DEFAULT_CHUNK_BYTES
+from .api import LoadStats, default_threads
+from .io_engine import FileSet, run_parallel
+from .plan import ReadUnit
+from .verify import verify_checkpoint
+
+
+@dataclass(frozen=True)
+class _TargetUnit:
+    unit: ReadUnit
+    tensor: str
+    target_offset: int  # bytes into the target tensor
+
+
+def check_targets(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes must match exactly; a mismatch names every offender."""
+    index = ckpt.index
+    stored = {t.name: t for t in index.tensors}
+    names = set(stored) | set(index.aliases)
+    missing = sorted(set(targets) - names)
+    unexpected = sorted(names - set(targets))
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {missing[:10]}")
+    if unexpected:
+        problems.append(f"not in the model: {unexpected[:10]}")
+    for name, entry in stored.items():
+        target = targets.get(name)
+        if target is None:
+            continue
+        want_dtype = str(target.dtype).removeprefix("torch.")
+        if list(target.shape) != entry.shape or want_dtype != entry.dtype:
+            problems.append(
+                f"{name!r}: checkpoint has {entry.dtype} {entry.shape}, the model expects "
+                f"{want_dtype} {list(target.shape)}"
+            )
+        elif not target.is_contiguous():
+            problems.append(f"{name!r}: the model's tensor is not contiguous")
+    if problems:
+        raise FormatError(f"{ckpt.directory}: checkpoint does not fit the model: "
+                          + "; ".join(problems))
+
+
+def load_into(
+    path: str | Path,
+    targets: Mapping[str, torch.Tensor],
+    *,
+    threads: int | None = None,
+    direct_io: bool | None = None,
+    verify: bool = False,
+    chunk_bytes: int | None = None,
+    stats: LoadStats | None = None,
+) -> LoadStats:
+    """Fill `targets` (name -> existing tensor) from the checkpoint at `path`.
+
+    Every stored tensor must have a target of the same shape and dtype, and every target a
+    stored tensor (aliases count: tied parameters are filled once through their shared memory).
+    With `verify`, a full checksum pass runs first (the direct path reads per tensor, not per
+    checksummed chunk).
+    """
+    ckpt = open_checkpoint(path)
+    check_targets(ckpt, targets)
+    if verify:
+        verify_checkpoint(path, threads=threads, direct_io=direct_io)
+    threads = threads or default_threads()
+    chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
+    units: list[_TargetUnit] = []
+    for entry in ckpt.index.tensors:
+        for start in range(0, entry.bytes, chunk):
+            length = min(chunk, entry.bytes - start)
+            units.append(_TargetUnit(
+                ReadUnit(file=entry.file, offset=entry.offset + start, length=length, dest=0),
+                entry.name, start))
+    stats = stats if stats is not None else LoadStats()
+    stats.path, stats.threads, stats.verified = str(path), threads, verify
+    stats.bytes = ckpt.index.tensor_bytes
+    stats.files = len(ckpt.index.files)
+    devices = {t.device.type for t in targets.values()}
+    if devices - {"cpu", "cuda"} or len(devices) > 1:
+        raise ValueError(f"targets must all be on cpu or all on cuda, got {sorted(devices)}")
+    stats.device = devices.pop() if devices else "cpu"
+    started = time.perf_counter()
+    with FileSet(ckpt.file_paths, direct_io) as files:
+        stats.direct_files = files.direct_files
+        if stats.device == "cpu":
+            _read_to_host(files, ckpt, units, targets, threads)
+        else:
+            _read_to_cuda(files, ckpt, units, targets, threads, chunk)
+        # A tied pair in the checkpoint that the model keeps as two tensors: fill the second.
+        for alias, target in ckpt.index.aliases.items():
+            if targets[alias].data_ptr() != targets[target].data_ptr():
+                targets[alias].copy_(targets[target])
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _short_read(ckpt: Checkpoint, tu: _TargetUnit, n: int) -> FormatError:
+    return FormatError(
+        f"{ckpt.file_paths[tu.unit.file]}: data file ended early while reading tensor "
+        f"{tu.tensor!r} ({n} of {tu.unit.length} bytes)"
+    )
+
+
+def _read_to_host(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
+                  targets: Mapping[str, torch.Tensor], threads: int) -> None:
+    def work(_w: int, i: int, _u: ReadUnit) -> None:
+        tu = units[i]
+        addr = targets[tu.tensor].data_ptr() + tu.target_offset
+        unit = tu.unit
+        if addr % ALIGNMENT or unit.length % ALIGNMENT:
+            # O_DIRECT needs aligned memory; a parameter's address usually is not.
+            n, _ = files.read_buffered(unit, addr)
+        else:
+            n, _ = files.read(unit, addr, False)
+        if n != unit.length:
+            raise _short_read(ckpt, tu, n)
+
+    for _ in run_parallel([u.unit for u in units], threads, work):
+        pass
+
+
+def _read_to_cuda(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
+                  targets: Mapping[str, torch.Tensor], threads: int, chunk: int) -> None:
+    workers = max(1, min(threads, len(units)))
+    ring = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(workers)]
+    device = next(iter(targets.values())).device
+    streams = [torch.cuda.Stream(device=device) for _ in range(workers)]
+    flat = {name: t.view(-1).view(torch.uint8) if t.numel() else t for name, t in targets.items()}
+
+    def work(w: int, i: int, _u: ReadUnit) -> None:
+        tu = units[i]
+        host = ring[w]
+        n, _ = files.read(tu.unit, host.data_ptr(), False)
+        if n != tu.unit.length:
+            raise _short_read(ckpt, tu, n)
+        with torch.cuda.stream(streams[w]):
+            flat[tu.tensor][tu.target_offset : tu.target_offset + n].copy_(
+                host[:n], non_blocking=True)
+        streams[w].synchronize()
+
+    for _ in run_parallel([u.unit for u in units], workers, work):
+        pass
