@@ -1,4 +1,4 @@
-"""The `sllm` command line: convert, inspect, verify, bench.
+"""The `sllm` command line: convert, inspect, verify, bench, save-vllm.
 
 Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
 file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
@@ -107,6 +107,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_save_vllm(args: argparse.Namespace) -> int:
+    from .vllm.save import save_vllm
+
+    engine_args: dict = {"dtype": args.dtype}
+    if args.max_model_len:
+        engine_args["max_model_len"] = args.max_model_len
+    if args.quantization:
+        engine_args["quantization"] = args.quantization
+    out = save_vllm(args.model, args.dst, tensor_parallel_size=args.tensor_parallel_size,
+                    overwrite=args.overwrite, **engine_args)
+    print(f"wrote {out} (engine layout, tensor parallel size {args.tensor_parallel_size})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -135,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "save-vllm",
+        help="save the engine layout (per-rank, post-load tensors) from a running vLLM",
+    )
+    p.add_argument("model", help="an sllm checkpoint, a safetensors model directory or a hub id")
+    p.add_argument("dst", help="the engine checkpoint directory to create")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="as vLLM's --dtype (default auto)")
+    p.add_argument("--quantization", help="as vLLM's --quantization")
+    p.add_argument("--max-model-len", type=int, help="as vLLM's --max-model-len")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(func=_cmd_save_vllm)
 
     p = sub.add_parser("bench", help="load throughput warm and cold beside the raw limits")
     p.add_argument("path")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import FormatError
 from .index import DataFile, Index, TensorEntry, read_index_file
-from .spec import INDEX_FILENAME
+from .spec import ENGINE_RANK_DIR, INDEX_FILENAME
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,13 @@ class Checkpoint:
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """A directory holding a (single-directory) checkpoint: the index file is there."""
     return (Path(path) / INDEX_FILENAME).is_file()
+
+
+def is_engine_checkpoint(path: str | Path) -> bool:
+    """An `engine` layout checkpoint: one rank-NNNNN/ sub-checkpoint per tensor-parallel rank."""
+    return is_checkpoint(Path(path) / ENGINE_RANK_DIR.format(rank=0))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -26,6 +26,8 @@ CHECKSUM_ALGORITHM = "xxh3-64"
 LAYOUT_HF = "hf"
 LAYOUT_ENGINE = "engine"
 LAYOUTS = (LAYOUT_HF, LAYOUT_ENGINE)
+#: An engine-layout checkpoint holds one complete checkpoint per tensor-parallel rank here.
+ENGINE_RANK_DIR = "rank-{rank:05d}"
 
 #: A data file name (matched whole): no directory part, no leading dot, ends in ".bin", nothing
 #: a shell or a path join could reinterpret. Checked before any file is opened.

@@ -22,6 +22,7 @@ import xxhash
 from .. import __version__
 from .errors import CheckpointExistsError, CheckpointWriteError, FormatError
 from .index import DataFile, EngineInfo, Index, Source, TensorEntry, check_index
+from .reader import is_checkpoint, is_engine_checkpoint
 from .spec import (
     ALIGNMENT,
     CHECKSUM_ALGORITHM,
@@ -112,7 +113,53 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / INDEX_FILENAME).is_file()
+    return is_checkpoint(path) or is_engine_checkpoint(path)
+
+
+def check_destination(destination: Path, overwrite: bool) -> None:
+    """Refuse to replace a checkpoint without `overwrite`, and anything else at all."""
+    dest = destination
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not dest.is_dir():
+        raise CheckpointExistsError(f"{dest} exists and is not a directory")
+    if _is_checkpoint_dir(dest):
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{dest} already holds an sllm checkpoint; pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
+    elif any(dest.iterdir()):
+        raise CheckpointExistsError(
+            f"{dest} exists and is not an sllm checkpoint; refusing to replace it"
+        )
+
+
+def new_staging_dir(destination: Path) -> Path:
+    """A hidden sibling of `destination` to build it in; see recover_destination."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    recover_destination(destination)
+    staging = destination.parent / (
+        f".{destination.name}{_STAGING_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    )
+    staging.mkdir()
+    return staging
+
+
+def commit_directory(staging: Path, destination: Path, overwrite: bool) -> None:
+    """Move a fully written, fsynced staging directory into place with renames."""
+    _fsync_dir(staging)
+    check_destination(destination, overwrite)
+    if destination.exists():
+        old = destination.parent / (
+            f".{destination.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        os.rename(destination, old)
+        os.rename(staging, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, destination)
+    _fsync_dir(destination.parent)
 
 
 def recover_destination(destination: Path) -> None:
@@ -184,7 +231,7 @@ class CheckpointWriter:
         self._current: _DataFileWriter | None = None
         self._committed = False
 
-        self._check_destination()
+        check_destination(self.destination, overwrite)
         parent = self.destination.parent
         parent.mkdir(parents=True, exist_ok=True)
         recover_destination(self.destination)
@@ -199,9 +246,7 @@ class CheckpointWriter:
                     f"not enough space to write {self.destination}: needs about "
                     f"{expected_bytes / 1e9:.3f} GB, {free / 1e9:.3f} GB free on that file system",
                 )
-        token = secrets.token_hex(4)
-        self.staging = parent / f".{self.destination.name}{_STAGING_TAG}{os.getpid()}-{token}"
-        self.staging.mkdir()
+        self.staging = new_staging_dir(self.destination)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -286,18 +331,7 @@ class CheckpointWriter:
                 fh.write(index.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(self.staging)
-            self._check_destination()
-            if self.destination.exists():
-                old = self.destination.parent / (
-                    f".{self.destination.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-                )
-                os.rename(self.destination, old)
-                os.rename(self.staging, self.destination)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(self.staging, self.destination)
-            _fsync_dir(self.destination.parent)
+            commit_directory(self.staging, self.destination, self.overwrite)
         self._committed = True
         return self.destination
 
@@ -317,23 +351,6 @@ class CheckpointWriter:
             self.abort()
 
     # -- internals -------------------------------------------------------------------------
-
-    def _check_destination(self) -> None:
-        dest = self.destination
-        if not dest.exists() and not dest.is_symlink():
-            return
-        if not dest.is_dir():
-            raise CheckpointExistsError(f"{dest} exists and is not a directory")
-        if _is_checkpoint_dir(dest):
-            if not self.overwrite:
-                raise CheckpointExistsError(
-                    f"{dest} already holds an sllm checkpoint; pass overwrite=True "
-                    "(--overwrite) to replace it"
-                )
-        elif any(dest.iterdir()):
-            raise CheckpointExistsError(
-                f"{dest} exists and is not an sllm checkpoint; refusing to replace it"
-            )
 
     def _file_for(self, nbytes: int) -> _DataFileWriter:
         cur = self._current

@@ -98,7 +98,7 @@ class SllmModelLoader(BaseModelLoader):
         if resolved.layout == LAYOUT_ENGINE:
             self._load_engine(model, model_config, resolved)
         else:
-            self._load_hf(model, resolved)
+            self._load_hf(model, model_config, resolved)
         if self.options.save_engine_to is not None:
             # `sllm save-vllm`: vLLM's load_model runs process_weights_after_loading right
             # after this returns (on CPU it repacks linear weights and empties the originals),
@@ -121,7 +121,8 @@ class SllmModelLoader(BaseModelLoader):
             ", checksums verified" if stats.verified else "", path,
         )
 
-    def _load_hf(self, model: nn.Module, resolved: ResolvedCheckpoint) -> None:
+    def _load_hf(self, model: nn.Module, model_config: ModelConfig,
+                 resolved: ResolvedCheckpoint) -> None:
         opts = self.options
         stats = LoadStats()
         started = time.perf_counter()
@@ -130,7 +131,9 @@ class SllmModelLoader(BaseModelLoader):
                                   chunk_bytes=opts.chunk_size, stats=stats)
         loaded = model.load_weights(weights)
         stats.seconds = time.perf_counter() - started  # including the model's own copies
-        if loaded is not None:
+        # As vLLM's default loader: strict only for unquantized models (quantized ones may
+        # legitimately lack scales that post-processing creates).
+        if loaded is not None and model_config.quantization is None:
             expected = {name for name, _ in model.named_parameters()}
             missing = sorted(expected - set(loaded))
             if missing:

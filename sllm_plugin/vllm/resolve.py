@@ -19,12 +19,11 @@ from pathlib import Path
 
 from ..format.convert import convert, resolve_source
 from ..format.errors import FormatError
-from ..format.reader import is_checkpoint
-from ..format.spec import LAYOUT_ENGINE, LAYOUT_HF
+from ..format.reader import is_checkpoint, is_engine_checkpoint
+from ..format.spec import ENGINE_RANK_DIR, LAYOUT_ENGINE, LAYOUT_HF
 
 logger = logging.getLogger("vllm.sllm_plugin")
 
-RANK_DIR = "rank-{rank:05d}"
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,7 @@ class ResolvedCheckpoint:
 
 
 def rank_dir(path: Path, rank: int) -> Path:
-    return path / RANK_DIR.format(rank=rank)
-
-
-def is_engine_checkpoint(path: Path) -> bool:
-    return is_checkpoint(rank_dir(path, 0))
+    return path / ENGINE_RANK_DIR.format(rank=rank)
 
 
 def cache_key(model: str, revision: str | None) -> str:

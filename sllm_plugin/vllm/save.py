@@ -1,0 +1,60 @@
+"""`sllm save-vllm`: write an `engine` layout checkpoint from a running vLLM.
+
+vLLM is started once with our loader and a `save_engine_to` directory; each tensor-parallel
+worker saves its own shard of the parameters right after loading, before vLLM's
+post-processing, into rank-NNNNN/. The whole directory is staged and renamed into place only
+after every rank has written, so a failed save leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..format.convert import _side_files, resolve_source
+from ..format.errors import FormatError
+from ..format.reader import is_checkpoint, open_checkpoint
+from ..format.writer import check_destination, commit_directory, new_staging_dir
+from .resolve import rank_dir
+
+
+def save_vllm(
+    model: str,
+    destination: str | Path,
+    *,
+    tensor_parallel_size: int = 1,
+    overwrite: bool = False,
+    **engine_args: Any,
+) -> Path:
+    """Start vLLM on `model` (an sllm checkpoint, a safetensors model or a hub id), capture every
+    rank's tensors, and return the engine checkpoint directory."""
+    destination = Path(destination).absolute()
+    check_destination(destination, overwrite)
+    staging = new_staging_dir(destination)
+    try:
+        from vllm import LLM
+
+        llm = LLM(
+            model=model,
+            load_format="sllm",
+            model_loader_extra_config={"save_engine_to": str(staging)},
+            tensor_parallel_size=tensor_parallel_size,
+            **{"enforce_eager": True, **engine_args},
+        )
+        del llm
+        for rank in range(tensor_parallel_size):
+            open_checkpoint(rank_dir(staging, rank))  # every rank wrote a valid checkpoint
+        src = Path(model)
+        sides = (_side_files(src) if src.is_dir() or is_checkpoint(src)
+                 else resolve_source(model).side_files)
+        for side in sides:
+            shutil.copyfile(side, staging / side.name)
+        commit_directory(staging, destination, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+__all__ = ["FormatError", "save_vllm"]
