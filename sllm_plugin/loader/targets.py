@@ -74,12 +74,13 @@ def load_into(
 
     Every stored tensor must have a target of the same shape and dtype, and every target a
     stored tensor (aliases count: tied parameters are filled once through their shared memory).
-    With `verify`, a full checksum pass runs first (the direct path reads per tensor, not per
-    checksummed chunk).
+    With `verify`, each tensor's checksum is checked in place after the read (CPU targets), or
+    a full checksum pass over the files runs first (CUDA targets, whose memory we cannot hash).
     """
     ckpt = open_checkpoint(path)
     check_targets(ckpt, targets)
-    if verify:
+    on_cuda = any(t.device.type == "cuda" for t in targets.values())
+    if verify and on_cuda:
         verify_checkpoint(path, threads=threads, direct_io=direct_io)
     threads = threads or default_threads()
     chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
@@ -103,6 +104,8 @@ def load_into(
         stats.direct_files = files.direct_files
         if stats.device == "cpu":
             _read_to_host(files, ckpt, units, targets, threads)
+            if verify:
+                _check_in_place(ckpt, targets)
         else:
             _read_to_cuda(files, ckpt, units, targets, threads, chunk)
         # A tied pair in the checkpoint that the model keeps as two tensors: fill the second.
@@ -136,6 +139,16 @@ def _read_to_host(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
 
     for _ in run_parallel([u.unit for u in units], threads, work):
         pass
+
+
+def _check_in_place(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
+    from .. import _fastio
+
+    bad = [t.name for t in ckpt.index.tensors
+           if f"{_fastio.xxh3_64(targets[t.name].data_ptr(), t.bytes):016x}" != t.checksum]
+    if bad:
+        raise FormatError(f"{ckpt.directory}: checksum mismatch; corrupt tensor(s): "
+                          + ", ".join(repr(n) for n in bad[:10]))
 
 
 def _read_to_cuda(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
