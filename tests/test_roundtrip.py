@@ -169,3 +169,25 @@ def test_property_any_state_dict_round_trips(tmp_path_factory, spec, chunk_pages
     path = save_state_dict(state, tmp_path_factory.mktemp("prop") / "ck",
                            chunk_bytes=4096 * chunk_pages, partition_bytes=4096 * partition_pages)
     assert_bit_equal(state, load_state_dict(path, threads=threads, verify=True))
+
+
+def test_zero_copy_maps_a_cached_checkpoint_and_reads_a_cold_one(tmp_path):
+    from sllm_plugin.loader.bench import evict_page_cache, warm_page_cache
+
+    emb = random_tensor("bfloat16", (300, 40))
+    state = {"emb": emb, "tied": emb, "w": random_tensor("float32", (5000,), seed=1)}
+    path = save_state_dict(state, tmp_path / "ck")
+    data = list(path.glob("*.bin"))
+    warm_page_cache(data)
+    stats = LoadStats()
+    mapped = dict(iter_state_dict(path, zero_copy=True, stats=stats))
+    assert stats.extra.get("mode") == "mapped"
+    assert_bit_equal(state, mapped)
+    assert mapped["tied"] is mapped["emb"]
+    mapped["w"].fill_(0)  # private mapping: writes never reach the file
+    assert_bit_equal(state, load_state_dict(path))
+    del mapped  # mapped pages cannot leave the page cache
+    evict_page_cache(data)
+    stats = LoadStats()
+    assert_bit_equal(state, dict(iter_state_dict(path, zero_copy=True, stats=stats)))
+    assert "mode" not in stats.extra

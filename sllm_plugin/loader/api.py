@@ -58,6 +58,8 @@ class LoadStats:
         io = "direct" if self.direct_files == self.files else (
             "buffered" if not self.direct_files else f"direct {self.direct_files}/{self.files}"
         )
+        if self.extra.get("mode") == "mapped":
+            io = "page-cache mapped (zero-copy)"
         return (
             f"loaded {self.path}: {self.bytes / 1e9:.3f} GB in {self.seconds:.3f} s "
             f"({self.gbps:.2f} GB/s) to {self.device}, {self.threads} threads, {io} I/O"
@@ -74,8 +76,15 @@ def iter_state_dict(
     verify: bool = False,
     chunk_bytes: int | None = None,
     stats: LoadStats | None = None,
+    zero_copy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) as soon as each tensor's bytes have all landed.
+
+    `zero_copy` is for consumers that copy every tensor somewhere else right away (an engine's
+    `load_weights`): when every data file is already in the page cache (and `verify` is off),
+    tensors are views of a private (copy-on-write) mapping of the files, so no fresh memory is
+    faulted in and no byte is copied before the consumer's own copy. Otherwise, and always for
+    `load_state_dict`, bytes land in memory the caller owns.
 
     Order follows completion, which is close to index order; tied names (aliases) come right
     after their tensor and are the same tensor object. The checkpoint is validated (index,
@@ -83,7 +92,7 @@ def iter_state_dict(
     """
     yield from _iter_checkpoint(open_checkpoint(path), device, threads=threads,
                                 direct_io=direct_io, verify=verify, chunk_bytes=chunk_bytes,
-                                stats=stats)
+                                stats=stats, zero_copy=zero_copy)
 
 
 def _iter_checkpoint(
@@ -95,6 +104,7 @@ def _iter_checkpoint(
     verify: bool,
     chunk_bytes: int | None,
     stats: LoadStats | None,
+    zero_copy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     path = ckpt.directory
     if ckpt.index.layout == LAYOUT_ENGINE:
@@ -110,6 +120,13 @@ def _iter_checkpoint(
     with contextlib.ExitStack() as stack:
         files = stack.enter_context(FileSet(ckpt.file_paths, direct_io))
         stats.direct_files = files.direct_files
+        if (device.type == "cpu" and zero_copy and not verify and direct_io is not True
+                and files.all_resident):
+            stats.extra["mode"] = "mapped"
+            yield from _mapped_tensors(ckpt, files)
+            stats.seconds = time.perf_counter() - started
+            logger.info("%s", stats.summary())
+            return
         if device.type == "cpu":
             buffer = allocate_host(plan.total_bytes)
             base = buffer.data_ptr()
@@ -156,6 +173,29 @@ def load_state_dict(
     )
     order = [t.name for t in ckpt.index.tensors] + list(ckpt.index.aliases)
     return {name: loaded[name] for name in order}
+
+
+def _mapped_tensors(ckpt: Checkpoint, files: FileSet) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor as a view of a private mapping of its (page-cached) data file."""
+    import mmap
+
+    maps: dict[str, torch.Tensor] = {}
+    for f in ckpt.index.files:
+        if f.bytes:
+            mapped = mmap.mmap(files.buffered_fd(f.name), f.bytes, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            maps[f.name] = torch.frombuffer(mapped, dtype=torch.uint8)
+        else:
+            maps[f.name] = torch.empty(0, dtype=torch.uint8)
+    aliases_of: dict[str, list[str]] = {}
+    for alias, target in ckpt.index.aliases.items():
+        aliases_of.setdefault(target, []).append(alias)
+    for t in ckpt.index.tensors:
+        raw = maps[t.file][t.offset : t.offset + t.bytes]
+        tensor = raw.view(torch_dtype(t.dtype, tensor=t.name)).view(t.shape)
+        yield t.name, tensor
+        for alias in aliases_of.get(t.name, ()):
+            yield alias, tensor
 
 
 def _tensors_as_completed(

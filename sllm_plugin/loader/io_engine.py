@@ -37,13 +37,17 @@ class FileSet:
         self.paths = paths
         self._buffered: dict[str, int] = {}
         self._direct: dict[str, int] = {}
+        self._all_resident = True
         try:
             for name, path in paths.items():
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 self._buffered[name] = fd
+                resident = (_fastio.resident_fraction(fd, os.fstat(fd).st_size)
+                            >= RESIDENT_THRESHOLD)
+                self._all_resident = self._all_resident and resident
                 want = direct
                 if want is None:
-                    want = _fastio.resident_fraction(fd, os.fstat(fd).st_size) < RESIDENT_THRESHOLD
+                    want = not resident
                 if want:
                     dfd = _open_direct(path)
                     if dfd is not None:
@@ -55,6 +59,11 @@ class FileSet:
     @property
     def direct_files(self) -> int:
         return len(self._direct)
+
+    @property
+    def all_resident(self) -> bool:
+        """Every file was found in the page cache when opened (auto mode read them buffered)."""
+        return self._all_resident
 
     def read(
         self, unit: ReadUnit, addr: int, want_hash: bool, populate: bool = False
@@ -77,10 +86,12 @@ class FileSet:
     def buffered_fd(self, name: str) -> int:
         return self._buffered[name]
 
-    def read_buffered(self, unit: ReadUnit, addr: int) -> tuple[int, int | None]:
+    def read_buffered(
+        self, unit: ReadUnit, addr: int, populate: bool = False
+    ) -> tuple[int, int | None]:
         """Read through the page cache whatever the file's mode (for unaligned memory)."""
         return _fastio.read_chunk(self._buffered[unit.file], addr, unit.length, unit.offset,
-                                  False, str(self.paths[unit.file]))
+                                  False, str(self.paths[unit.file]), populate)
 
     def close(self) -> None:
         for fd in [*self._buffered.values(), *self._direct.values()]:

@@ -129,11 +129,13 @@ def _read_to_host(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
         tu = units[i]
         addr = targets[tu.tensor].data_ptr() + tu.target_offset
         unit = tu.unit
+        # The engine allocated its parameters but never touched them: pre-fault each range in
+        # one call (populate) rather than one fault per page inside the read.
         if addr % ALIGNMENT or unit.length % ALIGNMENT:
             # O_DIRECT needs aligned memory; a parameter's address usually is not.
-            n, _ = files.read_buffered(unit, addr)
+            n, _ = files.read_buffered(unit, addr, populate=True)
         else:
-            n, _ = files.read(unit, addr, False)
+            n, _ = files.read(unit, addr, False, True)
         if n != unit.length:
             raise _short_read(ckpt, tu, n)
 

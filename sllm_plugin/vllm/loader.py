@@ -117,7 +117,8 @@ class SllmModelLoader(BaseModelLoader):
             "sllm: loaded %.3f GB in %.2f s (%.2f GB/s), layout %s, tier %s, %d threads, "
             "%s I/O%s, from %s",
             stats.bytes / 1e9, stats.seconds, stats.gbps, layout, tier, stats.threads,
-            "direct" if stats.direct_files else "buffered",
+            "page-cache mapped" if stats.extra.get("mode") == "mapped"
+            else "direct" if stats.direct_files else "buffered",
             ", checksums verified" if stats.verified else "", path,
         )
 
@@ -126,9 +127,11 @@ class SllmModelLoader(BaseModelLoader):
         opts = self.options
         stats = LoadStats()
         started = time.perf_counter()
+        # load_weights copies every tensor into the engine's parameters right away, so a
+        # checkpoint already in the page cache is handed over as mapped views (zero-copy).
         weights = iter_state_dict(resolved.path, "cpu", threads=opts.threads,
                                   direct_io=opts.direct_io, verify=opts.verify,
-                                  chunk_bytes=opts.chunk_size, stats=stats)
+                                  chunk_bytes=opts.chunk_size, stats=stats, zero_copy=True)
         loaded = model.load_weights(weights)
         stats.seconds = time.perf_counter() - started  # including the model's own copies
         # As vLLM's default loader: strict only for unquantized models (quantized ones may
