@@ -56,8 +56,11 @@ def measure(model: Path, log: Path, args: list[str], timeout: float = 600) -> di
     try:
         while True:
             if proc.poll() is not None:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                return {"error": f"exited {proc.returncode}: {tail[-1500:]}"}
+                causes = [line.split("] ", 1)[-1] for line in log.read_text(errors="replace")
+                          .splitlines() if "Error:" in line
+                          and "Engine core initialization failed" not in line]
+                return {"error": f"exited {proc.returncode}: "
+                                 + (causes[0] if causes else "see log")[-300:]}
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -106,7 +109,8 @@ def main() -> int:
     from sllm_plugin.loader.bench import evict_page_cache, warm_page_cache
 
     hf, ckpt = prepare(args.workdir)
-    engine = args.workdir / "bench-2gb.engine"
+    hf, ckpt = hf.resolve(), ckpt.resolve()
+    engine = (args.workdir / "bench-2gb.engine").resolve()
     logs = args.workdir / "vllm-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -114,7 +118,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "sllm_plugin.cli", "save-vllm", str(ckpt),
                         str(engine), "--max-model-len", "512"], check=True, env=env,
                        stdout=subprocess.DEVNULL)
-    tensors = args.workdir / "tensorizer" / "model.tensors"
+    tensors = (args.workdir / "tensorizer" / "model.tensors").resolve()
     tensorizer_error = None
     if not tensors.exists():
         code = (
