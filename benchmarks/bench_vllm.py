@@ -56,11 +56,12 @@ def measure(model: Path, log: Path, args: list[str], timeout: float = 600) -> di
     try:
         while True:
             if proc.poll() is not None:
+                # The root cause: the last exception line a worker logged at ERROR level.
                 causes = [line.split("] ", 1)[-1] for line in log.read_text(errors="replace")
-                          .splitlines() if "Error:" in line
+                          .splitlines() if " ERROR " in line and "Error:" in line
                           and "Engine core initialization failed" not in line]
                 return {"error": f"exited {proc.returncode}: "
-                                 + (causes[0] if causes else "see log")[-300:]}
+                                 + (causes[-1] if causes else "see log")[-300:]}
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
