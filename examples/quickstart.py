@@ -91,7 +91,7 @@ def serve_and_query(ckpt: Path) -> int:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
            "--load-format", "sllm", "--port", str(port), "--host", "127.0.0.1",
            "--enforce-eager", "--max-model-len", "512", "--served-model-name", "demo"]
-    print(f"== 6. serving it with vLLM:\n$ {' '.join(cmd[2:])}", flush=True)
+    print(f"== 6. serving it with vLLM:\n$ python {' '.join(cmd[1:])}", flush=True)
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **os.environ}
     log_path = ckpt.parent / "vllm-demo.log"
     with open(log_path, "w") as log:
@@ -118,15 +118,18 @@ def serve_and_query(ckpt: Path) -> int:
                     print("   " + line.split("] ", 1)[-1])
             r = httpx.post(f"{url}/v1/completions", timeout=120, json={
                 "model": "demo", "prompt": "The quick brown fox", "max_tokens": 12,
-                "temperature": 0})
+                "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
             print(f"   completion: {r.json()['choices'][0]['text']!r}")
             r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-                "model": "demo", "max_tokens": 12, "temperature": 0,
+                "model": "demo", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "hello world"}]})
             r.raise_for_status()
-            print(f"   chat: {r.json()['choices'][0]['message']['content']!r}")
-            print("   (random weights: the words are noise; the path is real)")
+            body = r.json()
+            print(f"   chat: {body['choices'][0]['message']['content']!r} "
+                  f"({body['usage']['completion_tokens']} tokens)")
+            print("   (random weights: the words are noise, often special tokens the decoder "
+                  "drops; the path is real)")
         finally:
             server.terminate()
             server.wait(timeout=60)
