@@ -18,28 +18,28 @@ def test_entry_point_is_registered_for_vllm():
     assert eps.get("sllm") == "sllm_plugin.vllm:register"
 
 
+def python_words(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter; the words it printed."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 def test_importing_the_package_and_registering_is_cheap():
     """vLLM runs the plugin in every process: no torch, no vLLM model-loader import."""
-    code = (
+    assert python_words(
         "import sys, sllm_plugin, sllm_plugin.vllm as p; p.register(); p.register(); "
         "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules), "
         "'vllm.model_executor.model_loader' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["False", "False"]
+    ) == ["False", "False"]
 
 
 def test_registration_happens_when_vllm_imports_its_loaders():
     pytest.importorskip("vllm", reason="vLLM is not installed")
-    code = (
+    assert python_words(
         "import sllm_plugin.vllm as p; p.register(); "
         "from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as r; "
         "p.register(); print(r['sllm'].__module__, r['sllm'].__name__)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["sllm_plugin.vllm.loader", "SllmModelLoader"]
+    ) == ["sllm_plugin.vllm.loader", "SllmModelLoader"]
 
 
 _RESOLVE = """
