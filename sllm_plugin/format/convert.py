@@ -48,9 +48,9 @@ def resolve_source(src: str | Path, revision: str | None = None) -> ResolvedSour
     if path.is_file():
         if path.suffix != ".safetensors":
             raise FormatError(f"{path}: only .safetensors files can be converted")
-        return ResolvedSource([path], _side_files(path.parent), model_id=str(src))
+        return ResolvedSource([path], side_files(path.parent), model_id=str(src))
     if path.is_dir():
-        return ResolvedSource(_weight_files(path), _side_files(path), model_id=str(src))
+        return ResolvedSource(_weight_files(path), side_files(path), model_id=str(src))
     if _looks_like_hub_id(str(src)):
         from huggingface_hub import snapshot_download
 
@@ -62,7 +62,7 @@ def resolve_source(src: str | Path, revision: str | None = None) -> ResolvedSour
                 f"{src}: not a local path, and the Hugging Face hub could not provide it "
                 f"({type(e).__name__}: {e})"
             ) from e
-        return ResolvedSource(_weight_files(local), _side_files(local), model_id=str(src),
+        return ResolvedSource(_weight_files(local), side_files(local), model_id=str(src),
                               revision=local.name)
     raise FileNotFoundError(f"{src}: no such file or directory, and not a hub id")
 
@@ -105,7 +105,7 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def _side_files(directory: Path) -> list[Path]:
+def side_files(directory: Path) -> list[Path]:
     """Config, tokenizer and other small files that make the output a complete model dir."""
     return sorted(
         p

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..format.convert import _side_files, resolve_source
+from ..format.convert import resolve_source, side_files
 from ..format.errors import FormatError
 from ..format.reader import is_checkpoint, open_checkpoint
 from ..format.writer import check_destination, commit_directory, new_staging_dir
@@ -46,7 +46,7 @@ def save_vllm(
         for rank in range(tensor_parallel_size):
             open_checkpoint(rank_dir(staging, rank))  # every rank wrote a valid checkpoint
         src = Path(model)
-        sides = (_side_files(src) if src.is_dir() or is_checkpoint(src)
+        sides = (side_files(src) if src.is_dir() or is_checkpoint(src)
                  else resolve_source(model).side_files)
         for side in sides:
             shutil.copyfile(side, staging / side.name)
