@@ -28,6 +28,9 @@ cdef extern from *:
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
     #endif
+    #ifndef MADV_POPULATE_READ
+    #define MADV_POPULATE_READ 22
+    #endif
     """
     ctypedef unsigned long long XXH64_hash_t
     XXH64_hash_t XXH3_64bits(const void* data, size_t length) nogil
@@ -35,6 +38,7 @@ cdef extern from *:
     int c_madvise "madvise" (void* addr, size_t length, int advice) nogil
     int MADV_HUGEPAGE
     int MADV_POPULATE_WRITE
+    int MADV_POPULATE_READ
     int c_posix_fadvise "posix_fadvise" (int fd, off_t offset, off_t length, int advice) nogil
     int POSIX_FADV_DONTNEED
     void* c_mmap "mmap" (void* addr, size_t length, int prot, int flags, int fd, off_t offset) nogil
@@ -122,6 +126,36 @@ def populate(uintptr_t addr, size_t length):
                 p = (p & ~(<uintptr_t>4095)) + 4096
     if rc != 0:
         _populate_supported = False
+
+
+def populate_read(uintptr_t addr, size_t length, str path="", long long offset=0):
+    """Map [addr, addr+length) of a file mapping for reading, reading from disk what is not cached.
+
+    One MADV_POPULATE_READ call (Linux 5.14+) instead of one fault per page; elsewhere a read
+    per 4 KiB page. Called by several threads on disjoint ranges, it reads a file in parallel
+    through the page cache. An I/O error is raised as OSError naming `path` (a plain page
+    fault would have killed the process with SIGBUS).
+    """
+    cdef uintptr_t page_start = addr & ~(<uintptr_t>4095)
+    cdef uintptr_t p
+    cdef volatile char sink
+    cdef int rc = -1
+    cdef int err = 0
+    if length == 0:
+        return
+    with nogil:
+        rc = c_madvise(<void*>page_start, addr + length - page_start, MADV_POPULATE_READ)
+        if rc != 0:
+            err = errno
+    if rc == 0:
+        return
+    if err != 22:  # anything but EINVAL (advice unknown to this kernel) is a real failure
+        raise _os_error(err, "mapping", path, offset)
+    with nogil:
+        p = addr
+        while p < addr + length:
+            sink = (<char*>p)[0]
+            p = (p & ~(<uintptr_t>4095)) + 4096
 
 
 def xxh3_64(uintptr_t addr, size_t length):

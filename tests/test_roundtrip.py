@@ -171,7 +171,7 @@ def test_property_any_state_dict_round_trips(tmp_path_factory, spec, chunk_pages
     assert_bit_equal(state, load_state_dict(path, threads=threads, verify=True))
 
 
-def test_zero_copy_maps_a_cached_checkpoint_and_reads_a_cold_one(tmp_path):
+def test_zero_copy_maps_cached_and_cold_checkpoints(tmp_path):
     from sllm_plugin.loader.bench import evict_page_cache, warm_page_cache
 
     emb = random_tensor("bfloat16", (300, 40))
@@ -188,6 +188,13 @@ def test_zero_copy_maps_a_cached_checkpoint_and_reads_a_cold_one(tmp_path):
     assert_bit_equal(state, load_state_dict(path))
     del mapped  # mapped pages cannot leave the page cache
     evict_page_cache(data)
+    # Cold: still mapped, the pages read in by the workers as the tensors are handed out.
     stats = LoadStats()
-    assert_bit_equal(state, dict(iter_state_dict(path, zero_copy=True, stats=stats)))
-    assert "mode" not in stats.extra
+    cold = dict(iter_state_dict(path, zero_copy=True, stats=stats, threads=3, chunk_bytes=8192))
+    assert stats.extra.get("mode") == "mapped"
+    assert_bit_equal(state, cold)
+    # Asked for verification or O_DIRECT: read into memory of its own instead.
+    for kwargs in ({"verify": True}, {"direct_io": True}):
+        stats = LoadStats()
+        assert_bit_equal(state, dict(iter_state_dict(path, zero_copy=True, stats=stats, **kwargs)))
+        assert "mode" not in stats.extra

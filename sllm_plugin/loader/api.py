@@ -9,18 +9,20 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..format.errors import FormatError
+from ..format.index import TensorEntry
 from ..format.reader import Checkpoint, open_checkpoint
 from ..format.spec import LAYOUT_ENGINE
 from .dtypes import torch_dtype
 from .host_memory import allocate_host
 from .io_engine import FileSet, read_checked, run_parallel
+from .mapping import map_files, populate_worker
 from .plan import LoadPlan, ReadUnit, make_plan
 from .prefault import Prefaulter
 
@@ -120,10 +122,22 @@ def _iter_checkpoint(
     with contextlib.ExitStack() as stack:
         files = stack.enter_context(FileSet(ckpt.file_paths, direct_io))
         stats.direct_files = files.direct_files
-        if (device.type == "cpu" and zero_copy and not verify and direct_io is not True
-                and files.all_resident):
+        if device.type == "cpu" and zero_copy and not verify and direct_io is not True:
+            # Private mappings of the data files: nothing allocated, nothing copied here. What
+            # is not cached yet is read in by the workers (parallel MADV_POPULATE_READ), and
+            # each tensor is handed over as soon as its chunks are in.
             stats.extra["mode"] = "mapped"
-            yield from _mapped_tensors(ckpt, files)
+            maps = map_files(ckpt, files)
+
+            def raw(t: TensorEntry) -> torch.Tensor:
+                return maps[t.file][t.offset : t.offset + t.bytes]
+
+            if files.all_resident:
+                completed: Iterator[int] = iter(range(len(plan.units)))
+            else:
+                completed = run_parallel(plan.units, threads, populate_worker(ckpt, maps))
+                stack.callback(completed.close)
+            yield from _tensors_as_completed(ckpt, plan, raw, completed)
             stats.seconds = time.perf_counter() - started
             logger.info("%s", stats.summary())
             return
@@ -137,16 +151,24 @@ def _iter_checkpoint(
                 read_checked(files, ckpt, unit, base + unit.dest, fresh=prefaulter.claim(i))
 
             completed = run_parallel(plan.units, threads, work)
+
+            def raw(t: TensorEntry) -> torch.Tensor:
+                start = plan.file_base[t.file] + t.offset
+                return buffer[start : start + t.bytes]
         elif device.type == "cuda":
             from .cuda import load_units_to_cuda
 
             buffer, completed = load_units_to_cuda(ckpt, plan, files, device, threads)
+
+            def raw(t: TensorEntry) -> torch.Tensor:
+                start = plan.file_base[t.file] + t.offset
+                return buffer[start : start + t.bytes]
         else:
             raise ValueError(f"unsupported device {device} (expected cpu or cuda)")
         # Runs first on exit (LIFO): workers are joined before their files close, also when
         # the consumer stops iterating early.
         stack.callback(completed.close)
-        yield from _tensors_as_completed(ckpt, plan, buffer, completed)
+        yield from _tensors_as_completed(ckpt, plan, raw, completed)
     stats.seconds = time.perf_counter() - started
     logger.info("%s", stats.summary())
 
@@ -175,32 +197,12 @@ def load_state_dict(
     return {name: loaded[name] for name in order}
 
 
-def _mapped_tensors(ckpt: Checkpoint, files: FileSet) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor as a view of a private mapping of its (page-cached) data file."""
-    import mmap
-
-    maps: dict[str, torch.Tensor] = {}
-    for f in ckpt.index.files:
-        if f.bytes:
-            mapped = mmap.mmap(files.buffered_fd(f.name), f.bytes, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            maps[f.name] = torch.frombuffer(mapped, dtype=torch.uint8)
-        else:
-            maps[f.name] = torch.empty(0, dtype=torch.uint8)
-    aliases_of: dict[str, list[str]] = {}
-    for alias, target in ckpt.index.aliases.items():
-        aliases_of.setdefault(target, []).append(alias)
-    for t in ckpt.index.tensors:
-        raw = maps[t.file][t.offset : t.offset + t.bytes]
-        tensor = raw.view(torch_dtype(t.dtype, tensor=t.name)).view(t.shape)
-        yield t.name, tensor
-        for alias in aliases_of.get(t.name, ()):
-            yield alias, tensor
-
-
 def _tensors_as_completed(
-    ckpt: Checkpoint, plan: LoadPlan, buffer: torch.Tensor, completed: Iterator[int]
+    ckpt: Checkpoint, plan: LoadPlan, raw: Callable[[TensorEntry], torch.Tensor],
+    completed: Iterator[int],
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor (and its aliases) once every unit holding its bytes has completed;
+    `raw(entry)` is the tensor's bytes wherever they landed."""
     index = ckpt.index
     aliases_of: dict[str, list[str]] = {}
     for alias, target in index.aliases.items():
@@ -209,9 +211,7 @@ def _tensors_as_completed(
 
     def view(pos: int) -> Iterator[tuple[str, torch.Tensor]]:
         t = index.tensors[pos]
-        start = plan.file_base[t.file] + t.offset
-        dtype = torch_dtype(t.dtype, tensor=t.name)
-        tensor = buffer[start : start + t.bytes].view(dtype).view(t.shape)
+        tensor = raw(t).view(torch_dtype(t.dtype, tensor=t.name)).view(t.shape)
         yield t.name, tensor
         for alias in aliases_of.get(t.name, ()):
             yield alias, tensor

@@ -1,9 +1,16 @@
 """Read a checkpoint straight into tensors that already exist (an engine's parameters).
 
-This is the `engine` layout's fast path: the bytes go from the file into the parameter's own
-memory, once. On CPU the reads land directly in the parameters (buffered where a parameter's
-address is not O_DIRECT-aligned); on CUDA they go through the same bounded pinned ring as a
-plain CUDA load, one copy per unit into the parameter's slice.
+This is the `engine` layout's fast path. Two ways:
+- `load_into` copies: the bytes go from the file into the parameter's own memory, once. On CPU
+  the reads land directly in the parameters (buffered where a parameter's address is not
+  O_DIRECT-aligned); on CUDA they go through the same bounded pinned ring as a plain CUDA load,
+  one copy per unit into the parameter's slice.
+- `map_into` does not copy at all (CPU only): each parameter's storage becomes a view of a
+  private (copy-on-write) mapping of the checkpoint's data file. The pages are the page cache's
+  (or the DRAM tier's shared memory), shared by every replica on the server; a parameter the
+  engine later modifies in place gets private copies of just the pages it writes. The files are
+  only ever replaced by rename, never rewritten in place, so a mapping never changes under a
+  running engine.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from ..format.errors import FormatError
 from ..format.reader import Checkpoint, open_checkpoint
 from ..format.spec import ALIGNMENT, DEFAULT_CHUNK_BYTES
 from .api import LoadStats, default_threads
+from .dtypes import torch_dtype
 from .io_engine import FileSet, run_parallel
+from .mapping import map_files, populate_worker
 from .plan import ReadUnit
 from .verify import verify_checkpoint
 
@@ -29,6 +38,16 @@ class _TargetUnit:
     unit: ReadUnit
     tensor: str
     target_offset: int  # bytes into the target tensor
+
+
+def live_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict's names mapped to the module's own tensor objects (not detached copies).
+
+    Tied parameters appear under each of their names, as in `state_dict()`.
+    """
+    live = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+    return {name: live[name] for name in model.state_dict()}
 
 
 def check_targets(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
@@ -112,6 +131,57 @@ def load_into(
         for alias, target in ckpt.index.aliases.items():
             if targets[alias].data_ptr() != targets[target].data_ptr():
                 targets[alias].copy_(targets[target])
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def map_into(
+    path: str | Path,
+    targets: Mapping[str, torch.Tensor],
+    *,
+    threads: int | None = None,
+    verify: bool = False,
+    chunk_bytes: int | None = None,
+    stats: LoadStats | None = None,
+) -> LoadStats:
+    """Make every CPU tensor in `targets` a view of the checkpoint's mapped data files.
+
+    `targets` must be the live tensors (parameters and buffers, not `state_dict()`'s detached
+    copies): their `.data` is replaced, so the module keeps its Parameter objects and their
+    attributes. The mapping is populated by `threads` threads in parallel (reading from disk
+    what is not cached) before this returns, so the first forward pass takes no page faults
+    on the weights. With `verify`, each tensor's checksum is checked on the mapped bytes.
+    """
+    ckpt = open_checkpoint(path)
+    check_targets(ckpt, targets)
+    devices = {t.device.type for t in targets.values()}
+    if devices - {"cpu"}:
+        raise ValueError(f"map_into maps into CPU tensors only, got {sorted(devices)}")
+    threads = threads or default_threads()
+    chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
+    stats = stats if stats is not None else LoadStats()
+    stats.path, stats.threads, stats.verified = str(path), threads, verify
+    stats.bytes, stats.files = ckpt.index.tensor_bytes, len(ckpt.index.files)
+    stats.device, stats.extra["mode"] = "cpu", "mapped"
+    started = time.perf_counter()
+    with FileSet(ckpt.file_paths, False) as files:
+        maps = map_files(ckpt, files)
+        units = [ReadUnit(file=f.name, offset=start, length=min(chunk, f.bytes - start), dest=0)
+                 for f in ckpt.index.files for start in range(0, f.bytes, chunk)]
+        for _ in run_parallel(units, threads, populate_worker(ckpt, maps)):
+            pass
+    views = {}
+    for entry in ckpt.index.tensors:
+        raw = maps[entry.file][entry.offset : entry.offset + entry.bytes]
+        views[entry.name] = raw.view(torch_dtype(entry.dtype, tensor=entry.name)).view(entry.shape)
+        targets[entry.name].data = views[entry.name]
+    # A tied pair the model keeps as two tensors gets its own copy: sharing one mapping would
+    # let an in-place change of one silently change the other.
+    for alias, target in ckpt.index.aliases.items():
+        if targets[alias] is not targets[target]:
+            targets[alias].data = views[target].clone()
+    if verify:
+        _check_in_place(ckpt, targets)
     stats.seconds = time.perf_counter() - started
     return stats
 

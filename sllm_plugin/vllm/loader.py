@@ -114,7 +114,7 @@ class SllmModelLoader(BaseModelLoader):
     def _log(self, stats: LoadStats, layout: str, path: Path) -> None:
         tier = self.options.tier or _tier_of(path)
         logger.info(
-            "sllm: loaded %.3f GB in %.2f s (%.2f GB/s), layout %s, tier %s, %d threads, "
+            "sllm: loaded %.4f GB in %.4f s (%.2f GB/s), layout %s, tier %s, %d threads, "
             "%s I/O%s, from %s",
             stats.bytes / 1e9, stats.seconds, stats.gbps, layout, tier, stats.threads,
             "page-cache mapped" if stats.extra.get("mode") == "mapped"
@@ -146,7 +146,7 @@ class SllmModelLoader(BaseModelLoader):
 
     def _load_engine(self, model: nn.Module, model_config: ModelConfig,
                      resolved: ResolvedCheckpoint) -> None:
-        from ..loader.targets import load_into
+        from ..loader.targets import live_state, load_into, map_into
 
         rank, tp_size, pp_size = _parallel_rank()
         if pp_size > 1:
@@ -160,9 +160,15 @@ class SllmModelLoader(BaseModelLoader):
         assert saved is not None  # guaranteed by index validation for layout 'engine'
         check_engine_compatible(saved, engine_info(model_config, rank, tp_size), path)
         opts = self.options
-        stats = load_into(path, model.state_dict(), threads=opts.threads,
-                          direct_io=opts.direct_io, verify=opts.verify,
-                          chunk_bytes=opts.chunk_size)
+        targets = live_state(model)
+        if opts.direct_io is not True and all(t.device.type == "cpu" for t in targets.values()):
+            # CPU engine: the parameters become views of the mapped checkpoint (no copy, and
+            # the pages are shared with every other replica of the model on this server).
+            stats = map_into(path, targets, threads=opts.threads, verify=opts.verify,
+                             chunk_bytes=opts.chunk_size)
+        else:
+            stats = load_into(path, targets, threads=opts.threads, direct_io=opts.direct_io,
+                              verify=opts.verify, chunk_bytes=opts.chunk_size)
         self._log(stats, LAYOUT_ENGINE, path)
 
     def _save_engine(self, model: nn.Module, model_config: ModelConfig) -> None:
