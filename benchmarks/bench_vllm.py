@@ -96,6 +96,16 @@ def measure(model: Path, log: Path, args: list[str], timeout: float = 600) -> di
             proc.wait()
 
 
+def ensure_engine(ckpt: Path, engine: Path) -> Path:
+    """The engine-layout checkpoint of `ckpt` for this vLLM (saved once, with save-vllm)."""
+    if not (engine / "rank-00000" / "sllm-index.json").exists():
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-m", "sllm_plugin.cli", "save-vllm", str(ckpt),
+                        str(engine), "--max-model-len", "512"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    return engine
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("work-data/bench"))
@@ -115,10 +125,7 @@ def main() -> int:
     logs = args.workdir / "vllm-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    if not (engine / "rank-00000" / "sllm-index.json").exists():
-        subprocess.run([sys.executable, "-m", "sllm_plugin.cli", "save-vllm", str(ckpt),
-                        str(engine), "--max-model-len", "512"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+    ensure_engine(ckpt, engine)
     tensors = (args.workdir / "tensorizer" / "model.tensors").resolve()
     tensorizer_error = None
     if not tensors.exists():

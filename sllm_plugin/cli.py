@@ -1,4 +1,4 @@
-"""The `sllm` command line: convert, inspect, verify, bench, save-vllm.
+"""The `sllm` command line: convert, inspect, verify, bench, save-vllm, node.
 
 Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
 file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
@@ -121,6 +121,30 @@ def _cmd_save_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node(args: argparse.Namespace) -> int:
+    from .store.api import serve
+    from .store.config import ConfigError, load_config
+    from .store.node import Node
+
+    try:
+        config = load_config(
+            args.config, host=args.host, port=args.port, token=args.token,
+            devices=args.devices, **{"dram.path": args.dram_dir,
+                                     "dram.capacity": args.dram_capacity,
+                                     "ssd.path": args.ssd_dir, "ssd.capacity": args.ssd_capacity})
+    except ConfigError as e:
+        print(f"sllm node: error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("sllm_plugin").setLevel(logging.INFO)
+    node = Node(config)
+    node.start(calibrate=not args.no_calibrate)
+    try:
+        serve(node, config.host, config.port)
+    finally:
+        node.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -170,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-only", action="store_true", help="skip the cold measurements")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("node", help="run the node daemon: checkpoint tiers and vLLM replicas")
+    p.add_argument("--config", help="YAML configuration file (flags override it)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--token", help="bearer token for mutating calls (or SLLM_NODE_TOKEN)")
+    p.add_argument("--dram-dir", help="DRAM tier directory (default /dev/shm/sllm-node-UID)")
+    p.add_argument("--dram-capacity", help="DRAM tier size, e.g. 8GiB (default 1/4 of memory)")
+    p.add_argument("--ssd-dir", help="SSD tier directory")
+    p.add_argument("--ssd-capacity", help="SSD tier size (default half the free space)")
+    p.add_argument("--devices", nargs="+", help="'cuda:N' or 'cpu:A-B' (default: detected)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the start-up bandwidth measurement")
+    p.set_defaults(func=_cmd_node)
     return parser
 
 

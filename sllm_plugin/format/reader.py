@@ -53,6 +53,20 @@ def is_engine_checkpoint(path: str | Path) -> bool:
     return is_checkpoint(Path(path) / ENGINE_RANK_DIR.format(rank=0))
 
 
+def open_model_checkpoints(path: str | Path) -> list[Checkpoint]:
+    """Validate a checkpoint directory of either layout: itself, or every rank of an engine
+    checkpoint (rank directories numbered from 0 without gaps). Raises FormatError."""
+    directory = Path(path)
+    if not is_engine_checkpoint(directory):
+        return [open_checkpoint(directory)]
+    ranks = sorted(p.name for p in directory.iterdir() if p.name.startswith("rank-"))
+    expected = [ENGINE_RANK_DIR.format(rank=i) for i in range(len(ranks))]
+    if ranks != expected:
+        raise FormatError(f"{directory}: engine checkpoint rank directories are {ranks}, "
+                          f"expected {expected}")
+    return [open_checkpoint(directory / name) for name in ranks]
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate the index and check every data file on disk. Raises FormatError."""
     directory = Path(path)

@@ -1,0 +1,148 @@
+"""The node daemon's configuration: a YAML file, then command-line flags, then defaults.
+
+The defaults run on a laptop: a DRAM tier in /dev/shm sized to a quarter of the memory, an SSD
+tier in the user's cache directory sized to half of its free space, the machine's GPUs (or all
+its CPU cores as one device), and vLLM's OpenAI server as the replica command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+
+from .names import check_model_name
+
+DEFAULT_PORT = 8073
+DEFAULT_REPLICA_COMMAND = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+class ConfigError(ValueError):
+    """The configuration file or flags are invalid; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TierConfig(_Strict):
+    path: Path
+    capacity: ByteSize = Field(description="bytes, or a size such as '8GiB'")
+
+
+class ModelEntry(_Strict):
+    source: str = Field(description="hub id, local path, or http(s) URL of the model")
+    revision: str | None = None
+    replica_args: list[str] = Field(default_factory=list,
+                                    description="extra vLLM flags for this model's replicas")
+
+
+class NodeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = Field(default=None, description="bearer token for mutating calls")
+    state_dir: Path = Field(default_factory=lambda: _user_dir("XDG_STATE_HOME", ".local/state")
+                            / "sllm_plugin" / "node")
+    dram: TierConfig | None = Field(default_factory=lambda: default_dram_tier())
+    ssd: TierConfig = Field(default_factory=lambda: default_ssd_tier())
+    devices: list[str] | None = Field(
+        default=None, description="'cuda:N' or 'cpu:A-B' entries; default: detected")
+    replica_command: list[str] = Field(default_factory=lambda: list(DEFAULT_REPLICA_COMMAND))
+    replica_args: list[str] = Field(default_factory=list)
+    replica_env: dict[str, str] = Field(default_factory=dict)
+    ready_timeout_s: float = 900.0
+    stop_timeout_s: float = 30.0
+    calibration_bytes: ByteSize = ByteSize(256 * 1024**2)
+    promote_on_start: bool = True
+    remote_bandwidth_gbps: float | None = Field(
+        default=None, description="first guess for remote fetches, until one is measured")
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name in models:
+            check_model_name(name)
+        return models
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, devices: list[str] | None) -> list[str] | None:
+        from .replicas import parse_device
+
+        for d in devices or []:
+            parse_device(d)
+        return devices
+
+
+def _user_dir(env: str, fallback: str) -> Path:
+    return Path(os.environ.get(env) or Path.home() / fallback)
+
+
+def memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_dram_tier() -> TierConfig | None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return None
+    return TierConfig(path=shm / f"sllm-node-{os.getuid()}", capacity=ByteSize(memory_bytes() // 4))
+
+
+def default_ssd_tier() -> TierConfig:
+    path = _user_dir("XDG_CACHE_HOME", ".cache") / "sllm_plugin" / "node" / "ssd"
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return TierConfig(path=path, capacity=ByteSize(shutil.disk_usage(probe).free // 2))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
+    """Read the YAML file (if any), apply the flags that were given, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the configuration ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
+        raw.update(loaded or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if "." in key:  # "ssd.path" -> raw["ssd"]["path"]
+            head, tail = key.split(".", 1)
+            section = raw.get(head) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{key}: {head!r} in the file is not a mapping")
+            raw[head] = {**_default_section(head), **section, tail: value}
+        else:
+            raw[key] = value
+    if "token" not in raw and os.environ.get("SLLM_NODE_TOKEN"):
+        raw["token"] = os.environ["SLLM_NODE_TOKEN"]
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        valid = ", ".join(NodeConfig.model_fields)
+        raise ConfigError(f"{where}invalid node configuration: {problems} (valid keys: {valid})"
+                          ) from None
+
+
+def _default_section(name: str) -> dict[str, Any]:
+    default = {"dram": default_dram_tier, "ssd": default_ssd_tier}.get(name)
+    tier = default() if default else None
+    return tier.model_dump() if tier else {}

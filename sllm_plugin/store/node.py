@@ -1,0 +1,388 @@
+"""The node service: tiers, their queues, the model registry and the replicas, in one object.
+
+The HTTP API (`api.py`) is a thin layer over this class; tests and the benchmark can drive it
+through HTTP like any client. Errors raised here carry the HTTP status that fits them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from .bandwidth import Bandwidth, calibrate_read
+from .config import ModelEntry, NodeConfig
+from .jobs import Job, TierQueue
+from .names import check_model_name
+from .replicas import Device, Launcher, Replica, ReplicaError, detect_devices, parse_device
+from .sources import SourceError, copy_checkpoint, resolve_fetch
+from .tiers import NotInTier, Tier, TierError
+
+logger = logging.getLogger("sllm_plugin.store")
+TIER_ORDER = ("dram", "ssd")  # fastest first
+
+
+class NodeError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.tiers: dict[str, Tier] = {}
+        for name in TIER_ORDER:
+            tier_cfg = getattr(config, name)
+            if tier_cfg is not None:
+                self.tiers[name] = Tier(name, tier_cfg.path.expanduser(), tier_cfg.capacity,
+                                        Bandwidth())
+        self.queues = {name: TierQueue(name) for name in self.tiers}
+        self.transfers = {"fetch": Bandwidth(config.remote_bandwidth_gbps), "promote": Bandwidth()}
+        self.devices: list[Device] = ([parse_device(d) for d in config.devices]
+                                      if config.devices else detect_devices())
+        self.assigned: dict[str, int] = {}  # device name -> replica id
+        self.replicas: dict[int, Replica] = {}
+        self.models: dict[str, ModelEntry] = dict(config.models)
+        self._lock = threading.RLock()
+        self.state_dir = config.state_dir.expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._load_registry()
+        self.launcher = Launcher(config.replica_command, config.replica_args, config.replica_env,
+                                 self.state_dir / "logs", config.ready_timeout_s,
+                                 config.stop_timeout_s, on_load=self._on_load,
+                                 on_end=self._on_end)
+        self.notes: list[str] = []
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def start(self, calibrate: bool = True) -> None:
+        """Rediscover what the tiers hold, then measure their read bandwidths."""
+        for tier in self.tiers.values():
+            self.notes += tier.rediscover()
+        if calibrate:
+            for tier in self.tiers.values():
+                gbps = calibrate_read(tier.path, int(self.config.calibration_bytes))
+                tier.bandwidth = Bandwidth(gbps)
+                logger.info("%s tier at %s: read %.2f GB/s (calibration)", tier.name,
+                            tier.path, gbps)
+            if "ssd" in self.tiers:
+                self.transfers["promote"] = Bandwidth(self.tiers["ssd"].bandwidth.report().gbps)
+
+    def close(self) -> None:
+        for replica in list(self.replicas.values()):
+            self.launcher.stop(replica)
+        for q in self.queues.values():
+            q.close()
+
+    # -- models ---------------------------------------------------------------------------
+
+    def register(self, name: str, source: str, revision: str | None = None,
+                 replica_args: list[str] | None = None) -> ModelEntry:
+        check_model_name(name)
+        entry = ModelEntry(source=source, revision=revision, replica_args=replica_args or [])
+        with self._lock:
+            self.models[name] = entry
+            self._save_registry()
+        return entry
+
+    def _known(self, name: str) -> None:
+        check_model_name(name)
+        if name not in self.models and not any(t.has(name) for t in self.tiers.values()):
+            raise NodeError(f"unknown model {name!r}: register it (POST /models or the config's "
+                            f"'models') before fetching it; known: {sorted(self.models)}", 404)
+
+    def _tier(self, name: str) -> Tier:
+        tier = self.tiers.get(name)
+        if tier is None:
+            raise NodeError(f"unknown tier {name!r}; this node has {sorted(self.tiers)}", 404)
+        return tier
+
+    # -- fetch and promote ------------------------------------------------------------------
+
+    def prefetch(self, name: str, tier: str = "ssd") -> Job | None:
+        """Queue a fetch (into ssd) or a promotion (into dram); None if it is there already."""
+        self._known(name)
+        target = self._tier(tier)
+        if target.has(name):
+            return None
+        if tier == "dram":
+            if "dram" in self.tiers and not self.tiers["ssd"].has(name):
+                fetch = self._fetch(name)  # remote -> ssd, then ssd -> dram when it is done
+                threading.Thread(target=self._promote_after, args=(fetch,), daemon=True).start()
+                return fetch
+            return self._promote(name)
+        return self._fetch(name)
+
+    def _promote_after(self, fetch: Job) -> None:
+        fetch.done.wait()
+        if fetch.state == "done":
+            try:
+                self._promote(fetch.model)
+            except NodeError as e:
+                logger.warning("promotion of %s after its fetch: %s", fetch.model, e)
+
+    def ensure(self, name: str, tier: str) -> tuple[float, float]:
+        """Block until `tier` holds the model; returns (seconds queued, seconds transferring)."""
+        queued = running = 0.0
+        if tier == "dram" and not self.tiers["ssd"].has(name) and not self._tier(tier).has(name):
+            q, r = self.ensure(name, "ssd")
+            queued, running = queued + q, running + r
+        job = self.prefetch(name, tier)
+        if job is not None:
+            job.done.wait()
+            if job.state == "failed":
+                raise NodeError(f"{job.kind} of {name} into {tier} failed: {job.error}",
+                                job.error_status or 502)
+            queued += (job.started or job.created) - job.created
+            running += (job.finished or time.time()) - (job.started or job.created)
+        return queued, running
+
+    def _fetch(self, name: str) -> Job:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NodeError(f"{name} is in no tier this fetch could use, and has no source", 404)
+        ssd = self.tiers["ssd"]
+        local = not _looks_like_hub_id(entry.source)
+        fetch = None
+        if local:  # resolving is cheap: a bad source or a model too large fails right here
+            fetch = self._resolve(name, entry)
+            if fetch.nbytes > ssd.capacity:
+                raise NodeError(f"{name} needs {fetch.nbytes / 1e9:.3f} GB; the largest tier "
+                                f"(ssd) holds {ssd.capacity / 1e9:.3f} GB", 413)
+        job = Job("fetch", name, "ssd", fetch.nbytes if fetch else 0, run=lambda: None,
+                  bandwidth=self.transfers["fetch"])
+
+        def run() -> None:
+            resolved = fetch or self._resolve(name, entry)
+            job.nbytes = resolved.nbytes
+            ssd.store(name, resolved.nbytes, resolved.write)
+
+        job.run = run
+        return self.queues["ssd"].submit(job)
+
+    def _resolve(self, name: str, entry: ModelEntry):
+        try:
+            return resolve_fetch(entry.source, entry.revision)
+        except SourceError as e:
+            raise NodeError(f"{name}: source {entry.source!r} cannot be used: {e}", 422) from None
+
+    def _promote(self, name: str) -> Job:
+        ssd, dram = self.tiers["ssd"], self.tiers["dram"]
+        if not ssd.has(name):
+            raise NodeError(f"{name} is not in the ssd tier; prefetch it first", 409)
+        nbytes = ssd.size_of(name)
+        if nbytes > dram.capacity:
+            raise NodeError(f"{name} needs {nbytes / 1e9:.3f} GB; the dram tier holds "
+                            f"{dram.capacity / 1e9:.3f} GB", 413)
+
+        def run() -> None:
+            source = ssd.acquire(name)
+            try:
+                dram.store(name, nbytes, lambda dst: copy_checkpoint(source, dst))
+            finally:
+                ssd.release(name)
+
+        return self.queues["dram"].submit(
+            Job("promote", name, "dram", nbytes, run=run, bandwidth=self.transfers["promote"]))
+
+    def job(self, job_id: int) -> Job:
+        for q in self.queues.values():
+            job = q.get(job_id)
+            if job is not None:
+                return job
+        raise NodeError(f"no job {job_id}", 404)
+
+    def evict(self, name: str, tier: str, force: bool = False) -> int:
+        check_model_name(name)
+        try:
+            return self._tier(tier).evict(name, force=force)
+        except TierError as e:
+            raise NodeError(str(e), e.status) from None
+
+    def pin(self, name: str, tier: str, pinned: bool) -> None:
+        check_model_name(name)
+        try:
+            self._tier(tier).pin(name, pinned)
+        except TierError as e:
+            raise NodeError(str(e), e.status) from None
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    def start_replica(self, name: str, devices: list[str] | None = None, count: int = 1,
+                      args: list[str] | None = None, tier: str | None = None) -> Replica:
+        """Start a replica; it loads from `tier` (default: the fastest that holds the model,
+        after promoting it into DRAM when `promote_on_start` and it fits)."""
+        self._known(name)
+        if tier is not None:
+            self._tier(tier)
+        with self._lock:
+            chosen = self._assign(devices, count)
+            replica = Replica(model=name, devices=chosen)
+            for d in chosen:
+                self.assigned[d.name] = replica.id
+            self.replicas[replica.id] = replica
+        extra = [*(self.models[name].replica_args if name in self.models else []), *(args or [])]
+        threading.Thread(target=self._bring_up, args=(replica, extra, tier), daemon=True,
+                         name=f"sllm-replica-{replica.id}-start").start()
+        return replica
+
+    def _assign(self, wanted: list[str] | None, count: int) -> list[Device]:
+        free = [d for d in self.devices if d.name not in self.assigned]
+        if wanted:
+            chosen = []
+            for text in wanted:
+                try:
+                    device = parse_device(text)
+                except ValueError as e:
+                    raise NodeError(str(e), 400) from None
+                if device not in self.devices:
+                    raise NodeError(f"device {text} is not on this node; it has "
+                                    f"{[d.name for d in self.devices]}", 400)
+                if device.name in self.assigned:
+                    raise NodeError(f"device {text} is in use by replica "
+                                    f"{self.assigned[device.name]}", 409)
+                chosen.append(device)
+            return chosen
+        if count < 1 or count > len(self.devices):
+            raise NodeError(f"a replica needs 1 to {len(self.devices)} devices here, "
+                            f"not {count}", 400)
+        if len(free) < count:
+            raise NodeError(f"{count} free device(s) needed, {len(free)} free: in use "
+                            f"{sorted(self.assigned)}", 409)
+        return free[:count]
+
+    def _bring_up(self, replica: Replica, extra: list[str], tier: str | None) -> None:
+        """Get the model into the fastest tier that can take it, then launch the replica."""
+        name = replica.model
+        try:
+            queued = running = 0.0
+            if tier is not None:
+                if not self.tiers[tier].has(name):
+                    replica.state = "fetching"
+                    queued, running = self.ensure(name, tier)
+            elif not self.tiers.get("dram") or not self.tiers["dram"].has(name):
+                if not self.tiers["ssd"].has(name):
+                    replica.state = "fetching"
+                    queued, running = self.ensure(name, "ssd")
+                if self._can_promote(name):
+                    replica.state = "fetching"
+                    q, r = self.ensure(name, "dram")
+                    queued, running = queued + q, running + r
+            replica.phases.update(queue=queued, fetch=running)
+            tier = tier or next(t for t in TIER_ORDER
+                                if t in self.tiers and self.tiers[t].has(name))
+            replica.tier = tier
+            replica.path = str(self.tiers[tier].acquire(name))
+            replica.holds_tier = True
+            self.launcher.launch(replica, extra)
+        except Exception as e:  # reported on the replica; the daemon goes on
+            replica.state, replica.error = "failed", str(e)
+            self._release(replica)
+            replica.finished.set()
+            replica.ready.set()
+
+    def _can_promote(self, name: str) -> bool:
+        dram = self.tiers.get("dram")
+        return (dram is not None and self.config.promote_on_start
+                and self.tiers["ssd"].size_of(name) <= dram.capacity)
+
+    def wait_replica(self, replica_id: int, timeout: float | None) -> Replica:
+        replica = self.replica(replica_id)
+        replica.ready.wait(timeout)
+        return replica
+
+    def replica(self, replica_id: int) -> Replica:
+        replica = self.replicas.get(replica_id)
+        if replica is None:
+            raise NodeError(f"no replica {replica_id}", 404)
+        return replica
+
+    def stop_replica(self, replica_id: int) -> Replica:
+        replica = self.replica(replica_id)
+        self.launcher.stop(replica)
+        if replica.process is None:  # never launched (still fetching, or failed)
+            replica.state = "stopped" if replica.state != "failed" else replica.state
+            self._release(replica)
+        return replica
+
+    def _release(self, replica: Replica) -> None:
+        with self._lock:
+            for d in replica.devices:
+                if self.assigned.get(d.name) == replica.id:
+                    del self.assigned[d.name]
+            self._release_tier(replica)
+
+    def _release_tier(self, replica: Replica) -> None:
+        """The replica no longer needs its tier copy to stay (it has loaded, or ended)."""
+        with self._lock:
+            if replica.holds_tier and replica.tier in self.tiers:
+                replica.holds_tier = False
+                self.tiers[replica.tier].release(replica.model)
+
+    def _on_load(self, replica: Replica, gb: float, seconds: float, tier: str) -> None:
+        if tier in self.tiers:
+            self.tiers[tier].bandwidth.observe(int(gb * 1e9), seconds)
+        self._release_tier(replica)
+
+    def _on_end(self, replica: Replica) -> None:
+        self._release(replica)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        tiers = []
+        for name, tier in self.tiers.items():
+            bw = tier.bandwidth.report()
+            q = self.queues[name]
+            tiers.append({
+                "name": name, "path": str(tier.path), "capacity_bytes": tier.capacity,
+                "used_bytes": tier.used(),
+                "read_gbps": bw.gbps, "calibrated_gbps": bw.calibrated_gbps,
+                "observed_gbps": bw.observed_gbps, "observed_loads": bw.samples,
+                "queue": [j.describe() for j in q.active()], "queue_drain_s": q.drain_s(),
+                "models": [{"name": e.name, "bytes": e.bytes, "last_used": e.last_used,
+                            "pinned": e.pinned, "in_use": e.in_use}
+                           for e in sorted(tier.entries(), key=lambda e: e.name)],
+            })
+        transfers = {k: v.report().gbps for k, v in self.transfers.items()}
+        return {
+            "node": os.uname().nodename, "started": self.started,
+            "devices": [{"name": d.name, "replica": self.assigned.get(d.name)}
+                        for d in self.devices],
+            "tiers": tiers, "transfer_gbps": transfers,
+            "models": {n: m.model_dump() for n, m in sorted(self.models.items())},
+            "replicas": [r.describe() for r in self.replicas.values()],
+            "notes": self.notes,
+        }
+
+    # -- registry persistence --------------------------------------------------------------
+
+    def _registry_path(self) -> Path:
+        return self.state_dir / "models.json"
+
+    def _load_registry(self) -> None:
+        try:
+            saved = json.loads(self._registry_path().read_text())
+        except (OSError, ValueError):
+            return
+        for name, raw in saved.items():
+            self.models.setdefault(name, ModelEntry.model_validate(raw))
+
+    def _save_registry(self) -> None:
+        tmp = self._registry_path().with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({n: m.model_dump() for n, m in self.models.items()}, indent=1))
+        os.replace(tmp, self._registry_path())
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    if source.startswith(("http://", "https://", "/", ".", "~")):
+        return False
+    return not Path(source).exists()
+
+
+__all__ = ["Node", "NodeError", "NotInTier", "ReplicaError"]

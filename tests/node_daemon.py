@@ -1,0 +1,147 @@
+"""Run a real `sllm node` daemon process on loopback for the tests, and a gated HTTP source."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from vllm_server import free_port, vllm_env
+
+TOKEN = "test-token"
+
+
+class NodeDaemon:
+    """`python -m sllm_plugin.cli node --config CONFIG` with its log in the test's directory."""
+
+    def __init__(self, workdir: Path, config: dict, name: str = "node") -> None:
+        self.workdir = workdir
+        self.config = {"host": "127.0.0.1", "port": free_port(), "token": TOKEN,
+                       "state_dir": str(workdir / "state"), **config}
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / f"{name}.log"
+        self.url = f"http://127.0.0.1:{self.config['port']}"
+        self.proc: subprocess.Popen | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=600)
+
+    def start(self, timeout: float = 120) -> NodeDaemon:
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm_plugin.cli", "node", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sllm node exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if self.client.get("/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)  # polling interval for a condition checked each round
+        raise TimeoutError(f"sllm node not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def call(self, method: str, path: str, body: dict | None = None,
+             token: str | None = TOKEN, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.client.request(method, path, json=body, headers=headers, **kwargs)
+
+    def ok(self, method: str, path: str, body: dict | None = None) -> dict:
+        r = self.call(method, path, body)
+        assert r.status_code < 300, f"{method} {path} -> {r.status_code}: {r.text}"
+        return r.json()
+
+    def status(self) -> dict:
+        return self.ok("GET", "/status")
+
+    def tier(self, name: str) -> dict:
+        return next(t for t in self.status()["tiers"] if t["name"] == name)
+
+    def held(self, tier: str) -> list[str]:
+        return [m["name"] for m in self.tier(tier)["models"]]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> NodeDaemon:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.client.close()
+
+
+class GatedCheckpointServer:
+    """A real HTTP server (loopback) serving a directory, counting requests per file.
+
+    While `gate` is closed, each data file's download stops half way (after setting
+    `half_sent`) until the gate opens: a download that is reliably in progress, without sleeps.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.half_sent = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(directory), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+            def copyfile(self, source, outputfile):
+                name = self.path.lstrip("/")
+                outer.requests[name] += 1
+                if not name.endswith(".bin") or outer.gate.is_set():
+                    return super().copyfile(source, outputfile)
+                data = source.read()
+                outputfile.write(data[: len(data) // 2])
+                outputfile.flush()
+                outer.half_sent.set()
+                outer.gate.wait(120)
+                outputfile.write(data[len(data) // 2 :])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> GatedCheckpointServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
