@@ -58,12 +58,12 @@ class Bandwidth:
         return nbytes / (gbps * 1e9) if gbps else None
 
 
-def calibrate_read(directory: Path, nbytes: int) -> float:
+def calibrate_read(directory: Path, nbytes: int, direct: bool = True) -> float:
     """GB/s of reading `nbytes` from a fresh file in `directory`, as a cold load would.
 
-    The file is written, flushed, dropped from the page cache, then read back with O_DIRECT
-    where the file system allows it (tmpfs reads come from memory either way). It is removed
-    afterwards, also on failure.
+    The file is written, flushed, dropped from the page cache, then read back, with O_DIRECT
+    where `direct` and the file system allows it (a disk tier; shared memory is read through
+    the page cache, where its pages are). It is removed afterwards, also on failure.
     """
     directory.mkdir(parents=True, exist_ok=True)
     nbytes = max(_BLOCK, nbytes // _BLOCK * _BLOCK)
@@ -79,7 +79,7 @@ def calibrate_read(directory: Path, nbytes: int) -> float:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except OSError:
             fd = os.open(path, os.O_RDONLY)
         try:

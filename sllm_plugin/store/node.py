@@ -66,7 +66,8 @@ class Node:
             self.notes += tier.rediscover()
         if calibrate:
             for tier in self.tiers.values():
-                gbps = calibrate_read(tier.path, int(self.config.calibration_bytes))
+                gbps = calibrate_read(tier.path, int(self.config.calibration_bytes),
+                                      direct=tier.name != "dram")
                 tier.bandwidth = Bandwidth(gbps)
                 logger.info("%s tier at %s: read %.2f GB/s (calibration)", tier.name,
                             tier.path, gbps)
