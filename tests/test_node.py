@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import assert_bit_equal
+from conftest import assert_bit_equal, mount_or_skip, unmount
 from node_daemon import TOKEN, GatedCheckpointServer, NodeDaemon
 
 from sllm_plugin import convert, load_state_dict
@@ -195,6 +195,24 @@ def test_a_download_killed_half_way_leaves_nothing_and_two_prefetches_are_one_do
             data_files = [n for n in remote.requests if n.endswith(".bin")]
             assert data_files and all(remote.requests[n] == 1 for n in data_files)
             assert_same_model(ssd / "org--remote", sources["org/m0"])
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(
+        tmp_path, dram_dir, sources, checkpoint_bytes):
+    ssd = mount_or_skip("tmpfs", tmp_path / "small-ssd", f"size={checkpoint_bytes // 2}")
+    try:
+        config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
+                             10 * checkpoint_bytes)
+        config["ssd"]["path"] = str(ssd)  # the tier believes it has room; the disk has not
+        with NodeDaemon(tmp_path, config) as node:
+            assert any("ssd: bandwidth not calibrated" in n for n in node.status()["notes"])
+            r = node.call("POST", "/prefetch", {"model": "org/m0", "wait": True})
+            assert r.status_code == 507, r.text
+            assert "free on that file system" in r.json()["error"]["message"]
+            assert [p.name for p in ssd.iterdir()] == [".sllm-node-state.json"]
+            assert node.held("ssd") == [] and node.client.get("/health").status_code == 200
+    finally:
+        unmount(ssd)
 
 
 def test_bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving(

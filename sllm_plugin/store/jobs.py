@@ -60,6 +60,22 @@ class Job:
         }
 
 
+def status_for(error: Exception) -> int:
+    """The HTTP status a failed job answers with: what the error says, or what its kind means
+    (no room on disk: 507; a source or checkpoint that is not valid: 422; else 502)."""
+    from ..format.errors import CheckpointWriteError, FormatError
+    from .sources import SourceError
+
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        return status
+    if isinstance(error, CheckpointWriteError):
+        return 507
+    if isinstance(error, (FormatError, SourceError)):
+        return 422
+    return 502
+
+
 class TierQueue:
     """A FIFO of jobs for one tier, run by one worker thread."""
 
@@ -112,7 +128,7 @@ class TierQueue:
                 job.run()
             except Exception as e:  # reported on the job; the queue goes on
                 job.state, job.error = "failed", str(e) or type(e).__name__
-                job.error_status = getattr(e, "status", None)
+                job.error_status = status_for(e)
                 logger.warning("%s of %s into %s failed: %s", job.kind, job.model, job.tier,
                                job.error)
             else:

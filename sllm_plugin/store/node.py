@@ -66,8 +66,13 @@ class Node:
             self.notes += tier.rediscover()
         if calibrate:
             for tier in self.tiers.values():
-                gbps = calibrate_read(tier.path, int(self.config.calibration_bytes),
-                                      direct=tier.name != "dram")
+                try:
+                    gbps = calibrate_read(tier.path, int(self.config.calibration_bytes),
+                                          direct=tier.name != "dram")
+                except OSError as e:  # a tier too full to measure still serves what it holds
+                    self.notes.append(f"{tier.name}: bandwidth not calibrated: {e}")
+                    logger.warning("%s", self.notes[-1])
+                    continue
                 tier.bandwidth = Bandwidth(gbps)
                 logger.info("%s tier at %s: read %.2f GB/s (calibration)", tier.name,
                             tier.path, gbps)
@@ -277,6 +282,11 @@ class Node:
             replica.phases.update(queue=queued, fetch=running)
             tier = tier or next(t for t in TIER_ORDER
                                 if t in self.tiers and self.tiers[t].has(name))
+            if replica.state == "stopped":  # stopped while its model was being fetched
+                self._release(replica)
+                replica.finished.set()
+                replica.ready.set()
+                return
             replica.tier = tier
             replica.path = str(self.tiers[tier].acquire(name))
             replica.holds_tier = True
