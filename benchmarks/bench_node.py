@@ -41,12 +41,13 @@ REPLICA_ARGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "
 
 
 class Daemon:
-    def __init__(self, workdir: Path, models: dict[str, Path], dram: Path) -> None:
+    def __init__(self, workdir: Path, models: dict[str, Path], dram: Path,
+                 huge_pages: bool) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         config = {
             "port": port, "state_dir": str(workdir / "node-state"),
-            "dram": {"path": str(dram), "capacity": "8GiB"},
+            "dram": {"path": str(dram), "capacity": "8GiB", "huge_pages": huge_pages},
             "ssd": {"path": str(workdir / "node-ssd"), "capacity": "16GiB"},
             "calibration_bytes": "512MiB",
             "replica_args": REPLICA_ARGS,
@@ -113,6 +114,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("work-data/bench"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep the DRAM tier on plain /dev/shm (4 KiB pages)")
     args = parser.parse_args()
 
     from bench_load import prepare
@@ -132,7 +135,7 @@ def main() -> int:
 
     results: dict[str, list[dict]] = {}
     memcpy: list[float] = []
-    daemon = Daemon(args.workdir, models, dram)
+    daemon = Daemon(args.workdir, models, dram, huge_pages=not args.no_huge_pages)
     try:
         for r in range(args.repeats):
             memcpy.append(memcpy_gbps())
@@ -162,6 +165,7 @@ def main() -> int:
         status = daemon.client.get("/status").json()
     finally:
         daemon.close()
+        subprocess.run(["umount", str(dram)], capture_output=True)  # if the node mounted one
         shutil.rmtree(dram, ignore_errors=True)
 
     def med(name: str, key: str) -> float | None:
@@ -178,8 +182,9 @@ def main() -> int:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; vLLM CPU backend, --enforce-eager; "
         f"medians of {args.repeats}",
         "",
-        f"memory copy (pre-faulted, 256 MiB, same run): {memcpy_med:.2f} GB/s; tier read "
-        f"bandwidth calibrated at daemon start: dram "
+        f"DRAM tier on {'a huge-page tmpfs' if tiers['dram']['huge_pages'] else '/dev/shm'}"
+        f" ({dram}); memory copy (pre-faulted, 256 MiB, same run): {memcpy_med:.2f} GB/s; "
+        f"tier read bandwidth calibrated at daemon start: dram "
         f"{tiers['dram']['calibrated_gbps']:.2f} GB/s, ssd {tiers['ssd']['calibrated_gbps']:.2f}"
         f" GB/s (O_DIRECT)",
         "",

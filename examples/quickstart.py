@@ -1,5 +1,6 @@
-"""Quickstart: make a model offline, convert it, verify, load and benchmark it, then serve it
-with vLLM (`--load-format sllm`) and query it.
+"""Quickstart: make a model offline, convert it, verify, load and benchmark it, serve it with
+vLLM (`--load-format sllm`) and query it; then start a node daemon and the router on this
+machine and send a chat request that starts a replica from zero.
 
     python examples/quickstart.py [--preset small-llama|bench-2gb] [--workdir DIR] [--no-serve]
 
@@ -73,7 +74,7 @@ def main() -> int:
     sllm("bench", str(ckpt), "--repeats", "3")
     if args.no_serve:
         return 0
-    return serve_and_query(ckpt)
+    return serve_and_query(ckpt) or node_and_router(hf_dir, args.workdir)
 
 
 def serve_and_query(ckpt: Path) -> int:
@@ -133,6 +134,82 @@ def serve_and_query(ckpt: Path) -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
+    return 0
+
+
+def start_daemon(argv: list[str], port: int, log_path: Path) -> subprocess.Popen:
+    import httpx
+
+    print(f"$ sllm {' '.join(argv)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "sllm_plugin.cli", *argv],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sllm {argv[0]} exited ({proc.returncode}); see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def node_and_router(hf_dir: Path, workdir: Path) -> int:
+    """Step 7: `sllm node` and `sllm router` on this machine; a chat request through the router
+    starts a replica from zero (fetch, convert, promote to DRAM, load, serve)."""
+    import os
+    import shutil
+    import socket
+
+    import httpx
+    import yaml
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    node_port, router_port = port(), port()
+    dram = Path(f"/dev/shm/sllm-quickstart-{os.getuid()}")
+    config = workdir / "node.yaml"
+    config.write_text(yaml.safe_dump({
+        "port": node_port, "state_dir": str(workdir / "node-state"),
+        "dram": {"path": str(dram), "capacity": "4GiB"},
+        "ssd": {"path": str(workdir / "node-ssd"), "capacity": "8GiB"},
+        # CPU replicas here; on a GPU server leave these out.
+        "replica_args": ["--enforce-eager", "--max-model-len", "512"],
+        "replica_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+    }))
+    print("== 7. a node daemon and the router; a chat request starts a replica from zero")
+    node = start_daemon(["node", "--config", str(config)], node_port, workdir / "node.log")
+    router = None
+    try:
+        status = httpx.get(f"http://127.0.0.1:{node_port}/status").json()
+        print("   node tiers (read bandwidth measured at start): " + ", ".join(
+            f"{t['name']} {t['read_gbps']:.2f} GB/s at {t['path']}" for t in status["tiers"]))
+        router = start_daemon(["router", "--port", str(router_port), "--node",
+                               f"http://127.0.0.1:{node_port}", "--model",
+                               f"demo/model={hf_dir.resolve()}"], router_port,
+                              workdir / "router.log")
+        started = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{router_port}/v1/chat/completions", timeout=900,
+                       json={"model": "demo/model", "max_tokens": 12, "temperature": 0,
+                             "ignore_eos": True,
+                             "messages": [{"role": "user", "content": "hello world"}]})
+        r.raise_for_status()
+        body = r.json()
+        print(f"   chat through the router after {time.monotonic() - started:.0f} s (cold "
+              f"start included), served by replica {r.headers.get('x-sllm-replica')}: "
+              f"{body['usage']['completion_tokens']} tokens")
+        replica = httpx.get(f"http://127.0.0.1:{node_port}/replicas").json()[0]
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in replica["phases"].items())
+        print(f"   replica from the {replica['tier']} tier; phases: {phases}")
+    finally:
+        for proc in (router, node):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=120)
+        shutil.rmtree(dram, ignore_errors=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The `sllm` command line: convert, inspect, verify, bench, save-vllm, node.
+"""The `sllm` command line: convert, inspect, verify, bench, save-vllm, node, router.
 
 Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
 file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -136,12 +137,43 @@ def _cmd_node(args: argparse.Namespace) -> int:
         print(f"sllm node: error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("sllm_plugin").setLevel(logging.INFO)
-    node = Node(config)
+    from .store.hugetmpfs import HugeTmpfsError
+    from .store.node import NodeError
+
+    try:
+        node = Node(config)
+    except (HugeTmpfsError, NodeError) as e:
+        print(f"sllm node: error: {e}", file=sys.stderr)
+        return 2
     node.start(calibrate=not args.no_calibrate)
     try:
         serve(node, config.host, config.port)
     finally:
         node.close()
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from .router.app import serve
+    from .router.config import ConfigError, ModelSpec, NodeRef, load_config
+
+    try:
+        nodes = None
+        if args.node:
+            nodes = [NodeRef(name=f"node{i}", url=url) for i, url in enumerate(args.node)]
+        config = load_config(args.config, host=args.host, port=args.port,
+                             admin_token=args.admin_token, nodes=nodes)
+        for entry in args.model or []:
+            name, sep, source = entry.partition("=")
+            if not sep or not name or not source:
+                raise ValueError(f"--model {entry!r}: use NAME=SOURCE")
+            config.models[name] = ModelSpec(source=source, replica_args=args.replica_arg or [])
+    except (ConfigError, ValueError) as e:
+        print(f"sllm router: error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("sllm_plugin").setLevel(
+        logging.DEBUG if os.environ.get("SLLM_DEBUG") else logging.INFO)
+    serve(config)
     return 0
 
 
@@ -208,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip the start-up bandwidth measurement")
     p.set_defaults(func=_cmd_node)
+
+    p = sub.add_parser("router", help="run the OpenAI-compatible router in front of nodes")
+    p.add_argument("--config", help="YAML configuration file (flags override it)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--admin-token", help="bearer token for /admin (or SLLM_ROUTER_TOKEN)")
+    p.add_argument("--node", action="append",
+                   help="a node daemon URL (repeatable; default http://127.0.0.1:8073)")
+    p.add_argument("--model", action="append", metavar="NAME=SOURCE",
+                   help="serve a model (hub id, path or URL; repeatable)")
+    p.add_argument("--replica-arg", action="append", metavar="ARG",
+                   help="an extra vLLM flag for --model replicas (repeatable), e.g. "
+                        "--replica-arg=--enforce-eager")
+    p.set_defaults(func=_cmd_router)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.server
 import os
 import signal
@@ -19,30 +20,25 @@ from vllm_server import free_port, vllm_env
 TOKEN = "test-token"
 
 
-class NodeDaemon:
-    """`python -m sllm_plugin.cli node --config CONFIG` with its log in the test's directory."""
+class ServiceProcess:
+    """A daemon started as `python -m sllm_plugin.cli ARGS`, ready once /health answers."""
 
-    def __init__(self, workdir: Path, config: dict, name: str = "node") -> None:
-        self.workdir = workdir
-        self.config = {"host": "127.0.0.1", "port": free_port(), "token": TOKEN,
-                       "state_dir": str(workdir / "state"), **config}
-        self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
+    def __init__(self, workdir: Path, name: str, argv: list[str], port: int) -> None:
+        self.workdir, self.argv = workdir, argv
         self.log_path = workdir / f"{name}.log"
-        self.url = f"http://127.0.0.1:{self.config['port']}"
+        self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url, timeout=600)
 
-    def start(self, timeout: float = 120) -> NodeDaemon:
+    def start(self, timeout: float = 120):
         log = open(self.log_path, "a")  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm_plugin.cli", "node", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
+        self.proc = subprocess.Popen([sys.executable, "-m", "sllm_plugin.cli", *self.argv],
+                                     stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sllm node exited with {self.proc.returncode}:\n"
+                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}:\n"
                                    f"{self.log_tail()}")
             try:
                 if self.client.get("/health", timeout=2).status_code == 200:
@@ -50,7 +46,7 @@ class NodeDaemon:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)  # polling interval for a condition checked each round
-        raise TimeoutError(f"sllm node not ready after {timeout} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.argv[0]} not ready after {timeout} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -65,6 +61,35 @@ class NodeDaemon:
         assert r.status_code < 300, f"{method} {path} -> {r.status_code}: {r.text}"
         return r.json()
 
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.client.close()
+
+
+class NodeDaemon(ServiceProcess):
+    """`sllm node --config CONFIG` with its log in the test's directory."""
+
+    def __init__(self, workdir: Path, config: dict, name: str = "node") -> None:
+        self.config = {"host": "127.0.0.1", "port": free_port(), "token": TOKEN,
+                       "state_dir": str(workdir / f"{name}-state" if name != "node"
+                                        else workdir / "state"), **config}
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        super().__init__(workdir, name, ["node", "--config", str(self.config_path)],
+                         self.config["port"])
+
     def status(self) -> dict:
         return self.ok("GET", "/status")
 
@@ -75,20 +100,28 @@ class NodeDaemon:
         return [m["name"] for m in self.tier(tier)["models"]]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the daemon; then make sure none of its replicas outlived it (a failed test
+        must not leave vLLM processes behind for the next one)."""
+        pids = []
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                pids = [r["pid"] for r in self.ok("GET", "/replicas") if r["pid"]]
+        super().stop(sig)
+        for pid in pids:
+            if pid_alive(pid) and sig != signal.SIGKILL:
+                os.killpg(pid, signal.SIGKILL)
 
-    def __enter__(self) -> NodeDaemon:
-        return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.client.close()
+class RouterProcess(ServiceProcess):
+    """`sllm router --config CONFIG`."""
+
+    def __init__(self, workdir: Path, config: dict, name: str = "router") -> None:
+        self.config = {"host": "127.0.0.1", "port": free_port(), "admin_token": TOKEN,
+                       "poll_interval_s": 0.5, **config}
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        super().__init__(workdir, name, ["router", "--config", str(self.config_path)],
+                         self.config["port"])
 
 
 class GatedCheckpointServer:

@@ -95,6 +95,25 @@ def test_status_shows_tiers_devices_bandwidths_and_the_openapi_schema(
             assert path in schema["paths"], path
 
 
+def test_a_dram_tier_on_huge_pages_is_mounted_by_the_node_and_kept_across_restarts(
+        tmp_path, sources, checkpoint_bytes):
+    unmount(mount_or_skip("tmpfs", tmp_path / "probe"))  # skips where mounting is not allowed
+    dram = tmp_path / "huge-dram"
+    config = node_config(tmp_path, dram, sources, 10 * checkpoint_bytes, 10 * checkpoint_bytes)
+    config["dram"]["huge_pages"] = True
+    try:
+        with NodeDaemon(tmp_path, config) as node:
+            tiers = {t["name"]: t for t in node.status()["tiers"]}
+            assert tiers["dram"]["huge_pages"] is True and tiers["ssd"]["huge_pages"] is False
+            node.ok("POST", "/prefetch", {"model": "org/m0", "tier": "dram", "wait": True})
+            assert_same_model(dram / "org--m0", sources["org/m0"])
+        with NodeDaemon(tmp_path, config) as node:  # the mount, and what it holds, stay
+            assert node.held("dram") == ["org/m0"]
+            assert node.tier("dram")["huge_pages"] is True
+    finally:
+        unmount(dram)
+
+
 def test_fill_lru_eviction_pinning_promotion_and_restart(
         tmp_path, dram_dir, sources, checkpoint_bytes):
     # Room for two models in the ssd tier and one in the dram tier.

@@ -197,4 +197,7 @@ def create_app(node: Node) -> FastAPI:
 def serve(node: Node, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(node), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(node), host=host, port=port, log_level=log_level,
+                # Open streams and waiting calls must not hold the shutdown (and the
+                # replicas it stops) hostage.
+                timeout_graceful_shutdown=5)

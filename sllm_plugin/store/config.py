@@ -33,6 +33,9 @@ class _Strict(BaseModel):
 class TierConfig(_Strict):
     path: Path
     capacity: ByteSize = Field(description="bytes, or a size such as '8GiB'")
+    huge_pages: bool = Field(
+        False, description="dram only: keep the tier on a tmpfs with transparent huge pages "
+        "(mounted by the node as root if `path` is not one already)")
 
 
 class ModelEntry(_Strict):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .bandwidth import Bandwidth, calibrate_read
 from .config import ModelEntry, NodeConfig
+from .hugetmpfs import ensure_huge_tmpfs, has_huge_pages
 from .jobs import Job, TierQueue
 from .names import check_model_name
 from .replicas import Device, Launcher, Replica, ReplicaError, detect_devices, parse_device
@@ -38,6 +39,12 @@ class Node:
         self.tiers: dict[str, Tier] = {}
         for name in TIER_ORDER:
             tier_cfg = getattr(config, name)
+            if tier_cfg is not None and tier_cfg.huge_pages:
+                if name != "dram":
+                    raise NodeError(f"{name}.huge_pages: only the dram tier can use it", 400)
+                if ensure_huge_tmpfs(tier_cfg.path.expanduser(), int(tier_cfg.capacity)):
+                    logger.info("mounted a huge-page tmpfs for the dram tier at %s",
+                                tier_cfg.path)
             if tier_cfg is not None:
                 self.tiers[name] = Tier(name, tier_cfg.path.expanduser(), tier_cfg.capacity,
                                         Bandwidth())
@@ -62,6 +69,7 @@ class Node:
 
     def start(self, calibrate: bool = True) -> None:
         """Rediscover what the tiers hold, then measure their read bandwidths."""
+        self.notes += self.launcher.reap_orphans()
         for tier in self.tiers.values():
             self.notes += tier.rediscover()
         if calibrate:
@@ -80,8 +88,13 @@ class Node:
                 self.transfers["promote"] = Bandwidth(self.tiers["ssd"].bandwidth.report().gbps)
 
     def close(self) -> None:
-        for replica in list(self.replicas.values()):
-            self.launcher.stop(replica)
+        """Stop every replica (in parallel: each may take seconds) and the queues."""
+        stoppers = [threading.Thread(target=self.launcher.stop, args=(r,))
+                    for r in list(self.replicas.values())]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         for q in self.queues.values():
             q.close()
 
@@ -352,6 +365,7 @@ class Node:
             q = self.queues[name]
             tiers.append({
                 "name": name, "path": str(tier.path), "capacity_bytes": tier.capacity,
+                "huge_pages": has_huge_pages(tier.path),
                 "used_bytes": tier.used(),
                 "read_gbps": bw.gbps, "calibrated_gbps": bw.calibrated_gbps,
                 "observed_gbps": bw.observed_gbps, "observed_loads": bw.samples,

@@ -134,6 +134,7 @@ class Launcher:
         self.on_load = on_load  # (replica, gb, seconds, tier) after the loader's line
         self.on_end = on_end  # (replica) when the process has ended, whatever the reason
         log_dir.mkdir(parents=True, exist_ok=True)
+        self._pids_lock = threading.Lock()
 
     def argv(self, replica: Replica, extra: list[str]) -> list[str]:
         cuda = [d for d in replica.devices if d.kind == "cuda"]
@@ -175,6 +176,7 @@ class Launcher:
             error.status = 400
             raise error from None
         replica.pid, replica.state = replica.process.pid, "starting"
+        self._remember(replica.pid, argv)
         threading.Thread(target=self._read_output, args=(replica, log), daemon=True,
                          name=f"sllm-replica-{replica.id}-log").start()
         threading.Thread(target=self._watch, args=(replica,), daemon=True,
@@ -194,6 +196,51 @@ class Launcher:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         replica.finished.wait(10)
+
+    # -- replicas that outlived a killed daemon -------------------------------------------
+
+    def _pids_path(self) -> Path:
+        return self.log_dir / "replica-pids.json"
+
+    def _pids(self) -> dict[str, str]:
+        try:
+            return json.loads(self._pids_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_pids(self, pids: dict[str, str]) -> None:
+        tmp = self._pids_path().with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(pids))
+        os.replace(tmp, self._pids_path())
+
+    def _remember(self, pid: int, argv: list[str]) -> None:
+        with self._pids_lock:
+            self._write_pids({**self._pids(), str(pid): " ".join(argv)})
+
+    def _forget(self, pid: int) -> None:
+        with self._pids_lock:
+            pids = self._pids()
+            pids.pop(str(pid), None)
+            self._write_pids(pids)
+
+    def reap_orphans(self) -> list[str]:
+        """Stop replicas a previous daemon started and never stopped (it was killed): they
+        hold devices this daemon is about to hand out again."""
+        notes = []
+        for pid_text, command in self._pids().items():
+            pid = int(pid_text)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue  # gone already
+            if cmdline.decode(errors="replace").strip() != command.strip():
+                continue  # the pid was reused by something else
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            notes.append(f"stopped replica process {pid} left by a previous daemon")
+            logger.warning("%s", notes[-1])
+        self._write_pids({})
+        return notes
 
     # -- threads ------------------------------------------------------------------------
 
@@ -255,6 +302,7 @@ class Launcher:
             replica.error = (f"replica exited with code {returncode}. Last output:\n"
                              f"{stderr_tail(replica)}")
         replica.mark("end")
+        self._forget(process.pid)
         if self.on_end:
             self.on_end(replica)
         replica.finished.set()

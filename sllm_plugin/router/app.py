@@ -1,0 +1,362 @@
+"""The router's HTTP API: OpenAI-compatible endpoints, /health, /metrics, and the admin API.
+
+Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. Only the
+request's JSON body travels upstream (never the client's headers), and responses are built
+here, so no hop-by-hop header leaks either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
+
+from .autoscaler import Autoscaler, RouterError
+from .cluster import Cluster
+from .config import ModelSpec, RouterConfig
+from .metrics import RouterMetrics
+from .policy import MigrationModel
+from .prefix import PrefixIndex, prompt_blocks
+from .streams import Stream, StreamRunner, UpstreamRejected, final_response, trackable
+
+logger = logging.getLogger("sllm_plugin.router")
+Credentials = Annotated[HTTPAuthorizationCredentials | None,
+                        Depends(HTTPBearer(auto_error=False))]
+
+
+def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status}}, status_code=status)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body generator when the response ends.
+
+    When the client disconnects, Starlette cancels the send but may leave the generator
+    suspended until it is garbage-collected; closing it at once runs its `finally`, which
+    cancels the upstream request, so the replica stops generating for nobody.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+class RegisterModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    spec: ModelSpec
+
+
+class Migrate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stream: str
+    replica: str | None = None  # "<node>/<id>"; default: the best other replica
+
+
+class Router:
+    """The router's state, shared by the endpoints."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.migration = MigrationModel()
+        self.prefix = PrefixIndex()
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048,
+                                                          max_keepalive_connections=512))
+        self.cluster = Cluster(config, self.http)
+        self.autoscaler = Autoscaler(config, self.cluster, self.metrics, self.migration,
+                                     self.prefix)
+        self.runner = StreamRunner(self.http, self.autoscaler.pick, self.migration,
+                                   config.limits.migration_gap_tokens,
+                                   config.limits.migration_rounds,
+                                   config.limits.upstream_timeout_s, self._migrated)
+        self.autoscaler.runner = self.runner
+        self.tasks: list[asyncio.Task] = []
+
+    def _migrated(self, stream: Stream, record: dict) -> None:
+        self.metrics.migrations.labels(stream.model, record["reason"]).inc()
+        self.metrics.migration_pause.labels(stream.model, record["reason"]).observe(
+            record["pause_s"])
+
+    async def start(self) -> None:
+        await self.cluster.register_models()
+        await self.cluster.poll_once()
+        self.tasks = [asyncio.create_task(self.cluster.poll_forever()),
+                      asyncio.create_task(self.autoscaler.keep_alive_forever())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.http.aclose()
+
+
+def create_app(config: RouterConfig) -> FastAPI:
+    router = Router(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await router.start()
+        yield
+        await router.stop()
+
+    app = FastAPI(title="sllm router", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible router with locality-aware cold starts.")
+    app.state.router = router
+
+    def admin(creds: Credentials) -> None:
+        token = config.admin_token
+        if token is None:
+            raise RouterError("the admin API is disabled: start the router with an admin "
+                              "token", 403, "permission_error")
+        if creds is None:
+            raise RouterError("this call needs 'Authorization: Bearer <admin token>'", 401,
+                              "authentication_error")
+        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise RouterError("wrong admin token", 403, "permission_error")
+
+    admin_only = [Depends(admin)]
+
+    @app.exception_handler(RouterError)
+    async def _router_error(_: Request, e: RouterError) -> JSONResponse:
+        return error(e.status, str(e), e.kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return error(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: "
+                             f"{err['msg']}" for err in e.errors())
+        return error(400, problems, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": "sllm",
+             "ready_replicas": len(router.cluster.ready_replicas(name))}
+            for name in sorted(config.models)]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _serve(request, "chat")
+
+    async def _read_body(request: Request) -> dict:
+        limit = config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RouterError(f"request body of {declared} bytes exceeds the limit of {limit}",
+                              413, "invalid_request_error")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise RouterError(f"request body exceeds the limit of {limit} bytes", 413,
+                                  "invalid_request_error")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise RouterError(f"malformed JSON body: {e}", 400, "invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise RouterError("the body must be a JSON object", 400, "invalid_request_error")
+        return body
+
+    async def _serve(request: Request, kind: str) -> Response:
+        started = time.monotonic()
+        body = await _read_body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or model not in config.models:
+            raise RouterError(f"the model {model!r} does not exist; this router serves "
+                              f"{sorted(config.models)}", 404, "model_not_found")
+        field = "messages" if kind == "chat" else "prompt"
+        if body.get(field) in (None, "", []):
+            raise RouterError(f"'{field}' is required", 400, "invalid_request_error")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        limit = config.limits.max_tokens
+        if max_tokens is None:
+            max_tokens = limit
+        if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > limit:
+            raise RouterError(f"max_tokens must be an integer from 1 to {limit}, got "
+                              f"{max_tokens!r}", 400, "invalid_request_error")
+        blocks = prompt_blocks(body[field])
+        why_not = trackable(kind, body)
+        try:
+            replica = await router.autoscaler.pick(model, blocks)
+        except RouterError as e:
+            router.metrics.requests.labels(model, str(e.status)).inc()
+            raise
+        headers = {"x-sllm-replica": replica.key}
+        if why_not is not None:
+            response = await _passthrough(kind, body, replica, started)
+            response.headers.update(headers)
+            return response
+        stream = Stream(kind, model, body, max_tokens)
+        task = asyncio.create_task(router.runner.run(stream, replica))
+        first = await stream.events.get()
+        if isinstance(first, Exception):
+            return _failed(model, first)
+        if body.get("stream"):
+            return ClosingStreamingResponse(_sse(stream, first, task, started),
+                                     media_type="text/event-stream", headers=headers)
+        item = first
+        while item is not None:
+            if isinstance(item, Exception):
+                return _failed(model, item)
+            item = await stream.events.get()
+        await task
+        _observe(stream, started, 200)
+        return JSONResponse(final_response(stream), headers=headers)
+
+    def _failed(model: str, e: Exception) -> JSONResponse:
+        if isinstance(e, UpstreamRejected):
+            router.metrics.requests.labels(model, str(e.status)).inc()
+            return JSONResponse(e.body, status_code=e.status)
+        if isinstance(e, RouterError):
+            router.metrics.requests.labels(model, str(e.status)).inc()
+            return error(e.status, str(e), e.kind)
+        router.metrics.requests.labels(model, "502").inc()
+        return error(502, f"upstream failure: {type(e).__name__}: {e}", "upstream_error")
+
+    def _observe(stream: Stream, started: float, status: int) -> None:
+        router.metrics.requests.labels(stream.model, str(status)).inc()
+        if stream.first_emit is not None:
+            router.metrics.ttft.labels(stream.model).observe(stream.first_emit - started)
+        router.metrics.latency.labels(stream.model).observe(time.monotonic() - started)
+
+    async def _sse(stream: Stream, first: dict, task: asyncio.Task, started: float):
+        item: Any = first
+        try:
+            while item is not None:
+                if isinstance(item, Exception):
+                    message = (item.body if isinstance(item, UpstreamRejected) else
+                               {"error": {"message": f"{type(item).__name__}: {item}",
+                                          "type": "upstream_error", "code": 502}})
+                    yield f"data: {json.dumps(message)}\n\n"
+                    break
+                yield f"data: {json.dumps(item)}\n\n"
+                item = await stream.events.get()
+            yield "data: [DONE]\n\n"
+            _observe(stream, started, 200)
+        finally:
+            if not task.done():  # the client went away: stop the upstream request too
+                task.cancel()
+
+    async def _passthrough(kind: str, body: dict, replica, started: float) -> Response:
+        """Requests the router cannot follow token by token: proxied as they are."""
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        replica.in_flight += 1
+        timeout = httpx.Timeout(config.limits.upstream_timeout_s, connect=10)
+        try:
+            if not body.get("stream"):
+                r = await router.http.post(f"{replica.url}{path}", json=body, timeout=timeout)
+                router.metrics.requests.labels(body["model"], str(r.status_code)).inc()
+                return Response(r.content, status_code=r.status_code,
+                                media_type="application/json")
+        except httpx.HTTPError as e:
+            return error(502, f"upstream failure: {e}", "upstream_error")
+        finally:
+            if not body.get("stream"):
+                replica.in_flight -= 1
+
+        async def relay():
+            try:
+                async with router.http.stream("POST", f"{replica.url}{path}", json=body,
+                                              timeout=timeout) as r:
+                    async for line in r.aiter_lines():
+                        if line:
+                            yield line + "\n\n"
+            finally:
+                replica.in_flight -= 1
+
+        return ClosingStreamingResponse(relay(), media_type="text/event-stream")
+
+    # -- admin ----------------------------------------------------------------------------
+
+    @app.get("/admin/replicas", dependencies=admin_only)
+    def replicas() -> list[dict]:
+        return [r.describe() for r in router.cluster.replicas.values()]
+
+    @app.get("/admin/streams", dependencies=admin_only)
+    def streams() -> list[dict]:
+        return [s.describe() for s in router.runner.active.values()]
+
+    @app.get("/admin/placements", dependencies=admin_only)
+    def placements() -> list[dict]:
+        return router.autoscaler.decisions
+
+    @app.post("/admin/models", dependencies=admin_only, status_code=201)
+    async def register(body: RegisterModel) -> dict:
+        config.models[body.name] = body.spec
+        await router.cluster.register_models()
+        return {"name": body.name, **body.spec.model_dump()}
+
+    @app.post("/admin/nodes/{node}/drain", dependencies=admin_only)
+    async def drain(node: str) -> dict:
+        if node not in router.cluster.nodes:
+            raise RouterError(f"no node {node!r}; nodes: {sorted(router.cluster.nodes)}", 404,
+                              "not_found_error")
+        return {"node": node, "stopped": await router.autoscaler.drain(node)}
+
+    @app.post("/admin/migrate", dependencies=admin_only)
+    async def migrate(body: Migrate) -> dict:
+        stream = router.runner.active.get(body.stream)
+        if stream is None:
+            raise RouterError(f"no active stream {body.stream!r}", 404, "not_found_error")
+        current = stream.replica.key if stream.replica else None
+        if body.replica is not None:
+            dest = router.cluster.replicas.get(body.replica)
+            if dest is None or not dest.ready or dest.model != stream.model:
+                raise RouterError(f"{body.replica!r} is not a ready replica of "
+                                  f"{stream.model!r}", 400, "invalid_request_error")
+        else:
+            dest = await router.autoscaler.pick(stream.model, exclude={current} if current
+                                                else ())
+        try:
+            return await router.runner.migrate(stream, dest)
+        except ValueError as e:
+            raise RouterError(str(e), 400, "invalid_request_error") from None
+
+    return app
+
+
+def serve(config: RouterConfig, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,
+                # Open streams and waiting calls must not hold the shutdown (and the
+                # replicas it stops) hostage.
+                timeout_graceful_shutdown=5)

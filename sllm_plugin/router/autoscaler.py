@@ -1,0 +1,193 @@
+"""Replicas on demand: scale from zero, scale up under load, stop idle ones, free nodes.
+
+A request for a model with no ready replica waits (in a bounded queue, with a timeout) for the
+one start in flight for that model; a start asks the placement policy for a node and, when the
+policy says freeing a busy node is faster, migrates the streams off the chosen victim first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from .cluster import Cluster, NodeUnavailable, Replica
+from .config import RouterConfig
+from .metrics import RouterMetrics
+from .policy import MigrationModel, place, route
+from .prefix import PrefixIndex
+from .streams import StreamRunner
+
+logger = logging.getLogger("sllm_plugin.router")
+
+
+class RouterError(Exception):
+    """A request cannot be served now; `status` and `kind` follow OpenAI's error shapes."""
+
+    def __init__(self, message: str, status: int, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class Autoscaler:
+    def __init__(self, config: RouterConfig, cluster: Cluster, metrics: RouterMetrics,
+                 migration: MigrationModel, prefix: PrefixIndex) -> None:
+        self.config, self.cluster, self.metrics = config, cluster, metrics
+        self.migration, self.prefix = migration, prefix
+        self.runner: StreamRunner | None = None  # set by the app (the runner needs `pick`)
+        self.waiting: dict[str, int] = {}
+        self.starts: dict[str, asyncio.Task] = {}
+        self.decisions: list[dict] = []  # recent placement decisions, for the admin API
+
+    # -- choosing a replica -------------------------------------------------------------
+
+    async def pick(self, model: str, blocks: list[bytes] | None = None,
+                   exclude: Iterable[str] = ()) -> Replica:
+        excluded = set(exclude)
+        deadline = time.monotonic() + self.config.limits.start_timeout_s
+        while True:
+            ready = [r for r in self.cluster.ready_replicas(model) if r.key not in excluded]
+            if ready:
+                self._maybe_scale_up(model, ready)
+                hits = {r.key: self.prefix.hit_fraction(r.key, blocks or []) for r in ready}
+                choice = route([r.view() for r in ready], hits)
+                assert choice is not None
+                replica = next(r for r in ready if r.key == choice.replica)
+                logger.debug("route %s -> %s: %s; scores %s; loads %s", model, replica.key,
+                             choice.reason, choice.scores,
+                             {r.key: (r.in_flight, r.reported_running, r.reported_waiting)
+                              for r in ready})
+                if blocks:
+                    self.prefix.record(replica.key, blocks)
+                return replica
+            await self._wait_for_start(model, deadline)
+
+    async def _wait_for_start(self, model: str, deadline: float) -> None:
+        spec = self.config.models.get(model)
+        limit = self.config.limits.max_queue if spec is None or spec.max_queue is None \
+            else spec.max_queue
+        if self.waiting.get(model, 0) >= limit:
+            raise RouterError(f"too many requests waiting for a replica of {model!r} "
+                              f"(queue of {limit} is full)", 429, "rate_limit_exceeded")
+        self.waiting[model] = self.waiting.get(model, 0) + 1
+        self.metrics.queue_depth.labels(model).set(self.waiting[model])
+        try:
+            task = self.start(model)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(asyncio.shield(task), left)
+        except TimeoutError:
+            raise RouterError(f"no replica of {model!r} became ready within "
+                              f"{self.config.limits.start_timeout_s:.0f} s", 503,
+                              "service_unavailable") from None
+        except (NodeUnavailable, RouterError) as e:
+            raise RouterError(f"cannot start a replica of {model!r}: {e}", 503,
+                              "service_unavailable") from None
+        finally:
+            self.waiting[model] -= 1
+            self.metrics.queue_depth.labels(model).set(self.waiting[model])
+
+    def start(self, model: str) -> asyncio.Task:
+        """The start in flight for `model`, or a new one."""
+        task = self.starts.get(model)
+        if task is None or task.done():
+            task = asyncio.create_task(self._start(model))
+            self.starts[model] = task
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    def _maybe_scale_up(self, model: str, ready: list[Replica]) -> None:
+        spec = self.config.models.get(model)
+        if spec is None:
+            return
+        busy = all(r.view().load >= spec.target_load for r in ready)
+        starting = model in self.starts and not self.starts[model].done()
+        if busy and not starting and len(ready) < spec.max_replicas:
+            logger.info("scaling %s up: %d replica(s) at load >= %d", model, len(ready),
+                        spec.target_load)
+            self.start(model)
+
+    async def _start(self, model: str) -> Replica:
+        spec = self.config.models.get(model)
+        count = len([r for r in self.cluster.replicas.values() if r.model == model
+                     and r.state in ("ready", "starting")])
+        if spec is not None and count >= spec.max_replicas:
+            raise RouterError(f"{model!r} is at its limit of {spec.max_replicas} replica(s)",
+                              503, "service_unavailable")
+        await self.cluster.poll_once()  # a cold start is worth fresh tiers and queues
+        placement = place(model, self.cluster.model_size(model), self.cluster.views(),
+                          self.migration, self.cluster.sizes())
+        if placement is None:
+            raise RouterError(f"no node has a free device for {model!r}", 503,
+                              "service_unavailable")
+        self.decisions.append({"model": model, "node": placement.node,
+                               "estimate_s": placement.estimate.seconds,
+                               "cost_s": placement.cost_s, "reason": placement.reason,
+                               "freed": list(placement.free_replicas)})
+        del self.decisions[:-50]
+        logger.info("placing %s on %s: %s", model, placement.node, placement.reason)
+        for key in placement.free_replicas:
+            victim = self.cluster.replicas.get(key)
+            if victim is not None:
+                await self.free(victim)
+        replica = await self.cluster.start_replica(placement.node, model,
+                                                   self.config.limits.start_timeout_s)
+        self.metrics.cold_starts.labels(model, placement.node, replica.tier or "?").inc()
+        for phase, seconds in replica.phases.items():
+            self.metrics.cold_start_phase.labels(model, phase).observe(seconds)
+        return replica
+
+    # -- freeing replicas and nodes ---------------------------------------------------------
+
+    async def free(self, victim: Replica, reason: str = "placement") -> None:
+        """Move every stream off `victim` (to other replicas of its model), then stop it."""
+        victim.state = "draining"
+        runner = self.runner
+        assert runner is not None
+        moves = []
+        for stream in [s for s in runner.active.values() if s.replica is victim]:
+            dest = await self.pick(stream.model, exclude={victim.key})
+            moves.append(runner.migrate(stream, dest))
+        if moves:
+            await asyncio.gather(*moves, return_exceptions=True)
+        deadline = time.monotonic() + self.config.limits.upstream_timeout_s
+        while victim.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the switches happen at each stream's next chunk
+        await self.cluster.stop_replica(victim)
+
+    async def drain(self, node: str) -> list[str]:
+        self.cluster.draining.add(node)
+        victims = [r for r in self.cluster.replicas.values() if r.node == node
+                   and r.state in ("ready", "draining")]
+        await asyncio.gather(*(self.free(v, "drain") for v in victims))
+        return [v.key for v in victims]
+
+    async def keep_alive_forever(self) -> None:
+        while True:
+            try:
+                await self.keep_alive_once()
+            except Exception:
+                logger.exception("keep-alive pass failed")
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def keep_alive_once(self) -> None:
+        now = time.monotonic()
+        for model, spec in self.config.models.items():
+            mine = [r for r in self.cluster.replicas.values() if r.model == model]
+            ready = [r for r in mine if r.ready]
+            idle = sorted((r for r in ready if r.in_flight == 0
+                           and now - r.last_used > spec.keep_alive_s), key=lambda r: r.last_used)
+            for replica in idle[: max(0, len(ready) - spec.min_replicas)]:
+                logger.info("stopping %s: idle for %.0f s (keep-alive %.0f s)", replica.key,
+                            now - replica.last_used, spec.keep_alive_s)
+                await self.cluster.stop_replica(replica)
+            if len(ready) < spec.min_replicas and not self.waiting.get(model):
+                self.start(model)
+            mine = [r for r in self.cluster.replicas.values() if r.model == model]
+            for state in ("ready", "draining", "stopping"):
+                self.metrics.replicas.labels(model, state).set(
+                    sum(1 for r in mine if r.state == state))
+            self.metrics.replicas.labels(model, "starting").set(
+                int(model in self.starts and not self.starts[model].done()))

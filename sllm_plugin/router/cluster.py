@@ -1,0 +1,223 @@
+"""The node daemons as the router sees them: polled status, replicas, start and stop.
+
+Everything is plain HTTP (httpx) to the node daemons' API and the replicas' own endpoints; the
+policy gets immutable views (`NodeView`, `ReplicaView`) built from the last poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from .config import NodeRef, RouterConfig
+from .policy import NodeView, ReplicaView, TierView
+
+logger = logging.getLogger("sllm_plugin.router")
+
+
+class NodeUnavailable(Exception):
+    pass
+
+
+@dataclass
+class Replica:
+    node: str
+    node_replica_id: int
+    model: str
+    url: str
+    state: str = "ready"  # starting | ready | draining | stopping | gone
+    in_flight: int = 0  # requests this router is proxying to it
+    tokens_in_flight: int = 0
+    reported_running: int = 0  # from the replica's own /metrics
+    reported_waiting: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)
+    phases: dict = field(default_factory=dict)
+    tier: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}/{self.node_replica_id}"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(self.key, self.node, self.model, self.ready,
+                           max(self.in_flight, self.reported_running), self.reported_waiting,
+                           self.tokens_in_flight)
+
+    def describe(self) -> dict:
+        return {"id": self.key, "node": self.node, "model": self.model, "url": self.url,
+                "state": self.state, "in_flight": self.in_flight,
+                "running": self.reported_running, "waiting": self.reported_waiting,
+                "tier": self.tier, "phases": self.phases}
+
+
+class Cluster:
+    def __init__(self, config: RouterConfig, http: httpx.AsyncClient) -> None:
+        self.config = config
+        self.http = http
+        self.nodes: dict[str, NodeRef] = {n.name: n for n in config.nodes}
+        self.status: dict[str, dict | None] = {n: None for n in self.nodes}
+        self.draining: set[str] = set()
+        self.replicas: dict[str, Replica] = {}
+        self.starting: dict[str, int] = {}  # node -> replicas being started by this router
+
+    def _headers(self, node: str) -> dict[str, str]:
+        token = self.nodes[node].token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- polling ----------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll_node(n) for n in self.nodes))
+        await asyncio.gather(*(self._poll_metrics(r) for r in list(self.replicas.values())
+                               if r.ready))
+
+    async def _poll_node(self, name: str) -> None:
+        try:
+            r = await self.http.get(f"{self.nodes[name].url}/status", timeout=10)
+            r.raise_for_status()
+            status = r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            # No new placements there; its replicas stay routable (a busy node answers slowly,
+            # and a replica that really died fails its streams over on its own).
+            if self.status.get(name) is not None:
+                logger.warning("node %s unreachable: %s", name, e)
+            self.status[name] = None
+            return
+        self.status[name] = status
+        alive = {r["id"]: r for r in status["replicas"]}
+        for rep in list(self.replicas.values()):
+            if rep.node != name or rep.state == "starting":
+                continue
+            info = alive.get(rep.node_replica_id)
+            if info is None or info["state"] not in ("ready",):
+                if rep.state != "gone":
+                    logger.info("replica %s is gone (%s)", rep.key,
+                                info["state"] if info else "unknown to its node")
+                rep.state = "gone"
+        for info in status["replicas"]:  # adopt ready replicas of known models
+            key = f"{name}/{info['id']}"
+            if (info["state"] == "ready" and key not in self.replicas
+                    and info["model"] in self.config.models):
+                self.replicas[key] = Replica(name, info["id"], info["model"], info["url"],
+                                             tier=info.get("tier"), phases=info["phases"])
+        self._drop_gone()
+
+    def _drop_gone(self) -> None:
+        for key in [k for k, r in self.replicas.items() if r.state == "gone" and not r.in_flight]:
+            del self.replicas[key]
+
+    async def _poll_metrics(self, replica: Replica) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            r = await self.http.get(f"{replica.url}/metrics", timeout=5)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return
+        running = waiting = 0.0
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name == "vllm:num_requests_running":
+                    running += sample.value
+                elif sample.name == "vllm:num_requests_waiting":
+                    waiting += sample.value
+        replica.reported_running, replica.reported_waiting = int(running), int(waiting)
+
+    async def poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:  # a poll must never end the loop
+                logger.exception("poll failed")
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    # -- views for the policy ---------------------------------------------------------------
+
+    def views(self) -> list[NodeView]:
+        views = []
+        for name, status in self.status.items():
+            if status is None:
+                views.append(NodeView(name, 0, (), healthy=False))
+                continue
+            free = sum(1 for d in status["devices"] if d["replica"] is None)
+            free = max(0, free - self.starting.get(name, 0))
+            tiers = tuple(TierView(t["name"], t["read_gbps"], t["queue_drain_s"],
+                                   frozenset(m["name"] for m in t["models"]))
+                          for t in status["tiers"])
+            replicas = tuple(r.view() for r in self.replicas.values() if r.node == name)
+            views.append(NodeView(name, free if name not in self.draining else 0, tiers,
+                                  status["transfer_gbps"].get("fetch"), replicas,
+                                  healthy=name not in self.draining))
+        return views
+
+    def model_size(self, model: str) -> int:
+        for status in self.status.values():
+            for tier in (status or {}).get("tiers", []):
+                for m in tier["models"]:
+                    if m["name"] == model:
+                        return int(m["bytes"])
+        spec = self.config.models.get(model)
+        return spec.size_bytes if spec and spec.size_bytes else 2 * 10**9
+
+    def sizes(self) -> dict[str, int]:
+        return {m: self.model_size(m) for m in self.config.models}
+
+    def ready_replicas(self, model: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.model == model and r.ready]
+
+    # -- node calls ---------------------------------------------------------------------------
+
+    async def register_models(self) -> None:
+        for model, spec in self.config.models.items():
+            if spec.source:
+                await asyncio.gather(*(self.register(n, model) for n in self.nodes),
+                                     return_exceptions=True)
+
+    async def register(self, node: str, model: str) -> None:
+        spec = self.config.models[model]
+        if not spec.source:
+            return
+        r = await self.http.post(f"{self.nodes[node].url}/models", headers=self._headers(node),
+                                 json={"name": model, "source": spec.source,
+                                       "replica_args": spec.replica_args}, timeout=30)
+        if r.status_code >= 300:
+            logger.warning("registering %s on %s: %s %s", model, node, r.status_code, r.text)
+
+    async def start_replica(self, node: str, model: str, timeout: float) -> Replica:
+        self.starting[node] = self.starting.get(node, 0) + 1
+        try:
+            await self.register(node, model)
+            r = await self.http.post(f"{self.nodes[node].url}/replicas",
+                                     headers=self._headers(node), timeout=timeout + 30,
+                                     json={"model": model, "wait": True, "timeout_s": timeout})
+        except httpx.HTTPError as e:
+            raise NodeUnavailable(f"node {node}: {type(e).__name__}: {e}") from None
+        finally:
+            self.starting[node] -= 1
+        info = r.json()
+        if r.status_code >= 300 or info.get("state") != "ready":
+            message = (info.get("error") or {}).get("message") if "error" in info else info
+            raise NodeUnavailable(f"node {node} could not start {model}: {message}")
+        replica = Replica(node, info["id"], model, info["url"], tier=info.get("tier"),
+                          phases=info.get("phases", {}))
+        self.replicas[replica.key] = replica
+        return replica
+
+    async def stop_replica(self, replica: Replica) -> None:
+        replica.state = "stopping"
+        try:
+            url = f"{self.nodes[replica.node].url}/replicas/{replica.node_replica_id}"
+            await self.http.delete(url, headers=self._headers(replica.node), timeout=120)
+        except httpx.HTTPError as e:
+            logger.warning("stopping %s: %s", replica.key, e)
+        replica.state = "gone"
+        self._drop_gone()

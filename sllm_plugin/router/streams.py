@@ -1,0 +1,364 @@
+"""Every proxied request as tokens, and token-based live migration and failover.
+
+The router always talks to replicas in streaming mode with `return_token_ids`, whatever the
+client asked, so it knows at every moment the prompt's token ids (vLLM's own tokenization,
+chat template included: the first chunk carries them) and every generated token id. That is
+all a request's state: to move it, another replica is given prompt + generated ids as a token
+prompt with the remaining budget. With greedy decoding the client sees exactly the tokens it
+would have seen without the move; nothing it received is repeated or lost.
+
+Migration (ServerlessLLM's, completed for vLLM): warm the destination's prefix cache with
+prompt + generated ids (`max_tokens=1`), repeat until fewer than a few tokens were generated
+meanwhile, then stop reading the source (closing the connection aborts it in vLLM) and continue
+on the destination, splicing its output into the client's stream. Failover is the same
+continuation without the warm-up, after the source's stream broke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from .cluster import Replica
+from .policy import MigrationModel
+
+logger = logging.getLogger("sllm_plugin.router")
+
+# Sampling parameters a continuation carries over (penalties would count the generated tokens
+# as prompt on the destination, so requests using them are not tracked; see `trackable`).
+CONTINUATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                     "stop_token_ids", "ignore_eos", "skip_special_tokens",
+                     "spaces_between_special_tokens", "include_stop_str_in_output",
+                     "repetition_penalty")
+UNTRACKABLE_KEYS = ("tools", "functions", "response_format", "logprobs", "top_logprobs",
+                    "echo", "best_of", "suffix", "guided_json", "guided_regex",
+                    "guided_choice", "structured_outputs", "presence_penalty",
+                    "frequency_penalty", "logit_bias", "prompt_logprobs", "n")
+
+
+class UpstreamBroken(Exception):
+    """The replica's stream ended without a finish (the replica died or was cut off)."""
+
+
+class UpstreamRejected(Exception):
+    """The replica refused the request (4xx): the client's error, passed through as is."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        super().__init__(str(body))
+        self.status, self.body = status, body
+
+
+def trackable(kind: str, body: dict) -> str | None:
+    """None if the request can be followed token by token, else why not."""
+    for key in UNTRACKABLE_KEYS:
+        value = body.get(key)
+        if value not in (None, False, 0, 1, [], {}) or (key == "n" and value not in (None, 1)):
+            return f"uses {key!r}"
+    if kind == "completion":
+        prompt = body.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                            and all(isinstance(t, int) for t in prompt))):
+            return "the prompt is not one string or one list of token ids"
+    return None
+
+
+@dataclass
+class Stream:
+    kind: str  # "completion" | "chat"
+    model: str
+    body: dict
+    max_tokens: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    replica: Replica | None = None
+    switch_to: Replica | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bounded: a client that stops reading stops the router reading the replica (its memory
+    # stays bounded, and the request stays in flight, counted as the replica's load).
+    events: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    migrations: list[dict] = field(default_factory=list)
+    last_emit: float | None = None
+    first_emit: float | None = None
+    emitted: int = 0  # chunks with tokens delivered
+    begun: float = field(default_factory=time.monotonic)
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
+
+    @property
+    def wants_token_ids(self) -> bool:
+        return bool(self.body.get("return_token_ids"))
+
+    def describe(self) -> dict:
+        return {"id": self.id, "model": self.model, "kind": self.kind,
+                "replica": self.replica.key if self.replica else None,
+                "prompt_tokens": len(self.prompt_ids or []), "generated": len(self.generated),
+                "max_tokens": self.max_tokens, "migrations": self.migrations}
+
+
+class StreamRunner:
+    """Runs streams against replicas: forwards, records tokens, migrates, fails over."""
+
+    def __init__(self, http: httpx.AsyncClient, pick: Callable[..., Awaitable[Replica]],
+                 migration: MigrationModel, gap_tokens: int, rounds: int,
+                 timeout_s: float, on_migrated: Callable[[Stream, dict], None] | None = None
+                 ) -> None:
+        self.http, self.pick, self.migration = http, pick, migration
+        self.gap_tokens, self.rounds, self.timeout_s = gap_tokens, rounds, timeout_s
+        self.on_migrated = on_migrated
+        self.active: dict[str, Stream] = {}
+
+    # -- the producer -------------------------------------------------------------------
+
+    async def run(self, stream: Stream, replica: Replica) -> None:
+        """Produce the client's chunks into `stream.events`; ends with None (or an exception
+        object the consumer raises)."""
+        self.active[stream.id] = stream
+        self._attach(stream, replica)
+        failed: set[str] = set()
+        pause_from: float | None = None
+        reason = ""
+        try:
+            while True:
+                assert stream.replica is not None
+                try:
+                    outcome = await self._consume(stream, stream.replica, pause_from, reason)
+                except UpstreamBroken as e:
+                    failed.add(stream.replica.key)
+                    logger.warning("stream %s: %s broke (%s); failing over", stream.id,
+                                   stream.replica.key, e)
+                    pause_from, reason = stream.last_emit or time.monotonic(), "failover"
+                    nxt = await self.pick(stream.model, exclude=failed)
+                    self._attach(stream, nxt)
+                    continue
+                if outcome == "switch":
+                    dest, stream.switch_to = stream.switch_to, None
+                    assert dest is not None
+                    pause_from, reason = stream.last_emit or time.monotonic(), "migration"
+                    self._attach(stream, dest)
+                    continue
+                break
+            if stream.body.get("stream_options", {}).get("include_usage"):
+                await stream.events.put(self._usage_chunk(stream))
+            await stream.events.put(None)
+        except Exception as e:  # handed to the consumer, which answers the client with it
+            await stream.events.put(e)
+        finally:
+            logger.debug("stream %s ended: %d tokens, finish %s", stream.id,
+                         len(stream.generated), stream.finish_reason)
+            self._detach(stream)
+            self.active.pop(stream.id, None)
+            stream.started.set()
+
+    def _attach(self, stream: Stream, replica: Replica) -> None:
+        self._detach(stream)
+        stream.replica = replica
+        replica.in_flight += 1
+        replica.tokens_in_flight += len(stream.prompt_ids or []) + len(stream.generated)
+        replica.last_used = time.monotonic()
+
+    def _detach(self, stream: Stream) -> None:
+        old = stream.replica
+        if old is not None:
+            old.in_flight = max(0, old.in_flight - 1)
+            old.tokens_in_flight = max(0, old.tokens_in_flight - len(stream.prompt_ids or [])
+                                       - len(stream.generated))
+            old.last_used = time.monotonic()
+            stream.replica = None
+
+    def _request(self, stream: Stream) -> tuple[str, dict]:
+        """The upstream request: the client's own the first time, then a token continuation."""
+        if stream.prompt_ids is None:
+            path = "/v1/chat/completions" if stream.kind == "chat" else "/v1/completions"
+            body = {**stream.body, "model": stream.model, "stream": True,
+                    "return_token_ids": True, "max_tokens": stream.max_tokens}
+            body.pop("max_completion_tokens", None)
+            body.pop("stream_options", None)
+            return path, body
+        body = {k: stream.body[k] for k in CONTINUATION_KEYS if k in stream.body}
+        if stream.body.get("min_tokens"):
+            body["min_tokens"] = max(0, int(stream.body["min_tokens"]) - len(stream.generated))
+        body.update(model=stream.model, prompt=stream.prompt_ids + stream.generated,
+                    max_tokens=stream.max_tokens - len(stream.generated), stream=True,
+                    return_token_ids=True)
+        return "/v1/completions", body
+
+    async def _consume(self, stream: Stream, replica: Replica, pause_from: float | None,
+                       reason: str) -> str:
+        if stream.prompt_ids is not None and len(stream.generated) >= stream.max_tokens:
+            stream.finish_reason = "length"
+            await self._emit(stream, "", [], "length", None)
+            return "done"
+        continuation = stream.prompt_ids is not None
+        path, body = self._request(stream)
+        try:
+            async with self.http.stream("POST", f"{replica.url}{path}", json=body,
+                                        timeout=httpx.Timeout(self.timeout_s, connect=10)
+                                        ) as resp:
+                if resp.status_code != 200:
+                    raw = await resp.aread()
+                    if 400 <= resp.status_code < 500 and not continuation:
+                        try:
+                            payload = json.loads(raw)
+                        except ValueError:
+                            payload = {"error": {"message": raw.decode(errors="replace")}}
+                        raise UpstreamRejected(resp.status_code, payload)
+                    raise UpstreamBroken(f"HTTP {resp.status_code}: {raw[:300]!r}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise UpstreamBroken(f"replica error: {chunk['error']}")
+                    choices = chunk.get("choices") or []
+                    if not choices:
+                        continue
+                    choice = choices[0]
+                    # Completions carry the prompt's ids in the choice, chat in the chunk.
+                    prompt_ids = choice.get("prompt_token_ids") or chunk.get("prompt_token_ids")
+                    if stream.prompt_ids is None and prompt_ids is not None:
+                        stream.prompt_ids = list(prompt_ids)
+                        replica.tokens_in_flight += len(stream.prompt_ids)
+                        stream.started.set()
+                    ids = list(choice.get("token_ids") or [])
+                    if continuation or stream.kind == "completion":
+                        delta = None
+                        text = choice.get("text") or ""
+                    else:
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                    stream.generated.extend(ids)
+                    replica.tokens_in_flight += len(ids)
+                    stream.text.append(text)
+                    finish = choice.get("finish_reason")
+                    if pause_from is not None and (ids or finish):
+                        self._record_move(stream, replica, pause_from, reason)
+                        pause_from = None
+                    await self._emit(stream, text, ids, finish, delta)
+                    if finish:
+                        stream.finish_reason = finish
+                        stream.stop_reason = choice.get("stop_reason")
+                        return "done"
+                    if stream.switch_to is not None and stream.prompt_ids is not None:
+                        return "switch"
+        except httpx.TransportError as e:
+            raise UpstreamBroken(f"{type(e).__name__}: {e}") from None
+        raise UpstreamBroken("the stream ended without a finish reason")
+
+    def _record_move(self, stream: Stream, replica: Replica, pause_from: float,
+                     reason: str) -> None:
+        pause = time.monotonic() - pause_from
+        record = {"to": replica.key, "reason": reason, "pause_s": pause,
+                  "at_token": len(stream.generated)}
+        stream.migrations.append(record)
+        if self.on_migrated:
+            self.on_migrated(stream, record)
+
+    async def _emit(self, stream: Stream, text: str, ids: list[int], finish: str | None,
+                    delta: dict | None) -> None:
+        now = time.monotonic()
+        if ids or text or finish or delta:
+            stream.last_emit = now
+            if stream.first_emit is None and (ids or text):
+                stream.first_emit = now
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if stream.kind == "chat":
+            choice["delta"] = delta if delta is not None else ({"content": text} if text else {})
+            obj = "chat.completion.chunk"
+        else:
+            choice["text"] = text
+            obj = "text_completion"
+        if finish and stream.stop_reason is not None:
+            choice["stop_reason"] = stream.stop_reason
+        chunk = {"id": stream.response_id, "object": obj, "created": stream.created,
+                 "model": stream.model, "choices": [choice]}
+        if stream.wants_token_ids:
+            choice["token_ids"] = ids
+            if stream.emitted == 0:
+                (chunk if stream.kind == "chat" else choice)["prompt_token_ids"] = \
+                    stream.prompt_ids
+        stream.emitted += 1
+        await stream.events.put(chunk)
+
+    def _usage_chunk(self, stream: Stream) -> dict:
+        obj = "chat.completion.chunk" if stream.kind == "chat" else "text_completion"
+        return {"id": stream.response_id, "object": obj, "created": stream.created,
+                "model": stream.model, "choices": [], "usage": usage(stream)}
+
+    # -- migration ----------------------------------------------------------------------
+
+    async def migrate(self, stream: Stream, dest: Replica) -> dict:
+        """Warm `dest` with the stream's tokens, then hand the stream over to it."""
+        if stream.replica is not None and dest.key == stream.replica.key:
+            raise ValueError(f"stream {stream.id} already runs on {dest.key}")
+        t_call = time.monotonic()
+        await stream.started.wait()
+        logger.debug("migrating %s: started after %.3f s, %d generated", stream.id,
+                     time.monotonic() - t_call, len(stream.generated))
+        rounds = 0
+        warmed = 0
+        while stream.finish_reason is None and stream.id in self.active:
+            before = len(stream.generated)
+            tokens = (stream.prompt_ids or []) + stream.generated
+            t0 = time.monotonic()
+            r = await self.http.post(f"{dest.url}/v1/completions", timeout=self.timeout_s, json={
+                "model": stream.model, "prompt": tokens, "max_tokens": 1, "temperature": 0})
+            r.raise_for_status()
+            # The first round prefills everything; later rounds only the new tokens.
+            self.migration.observe(len(tokens) - warmed, time.monotonic() - t0)
+            logger.debug("migrating %s to %s: warm round %d, %d tokens in %.3f s; %d generated "
+                         "meanwhile", stream.id, dest.key, rounds + 1, len(tokens) - warmed,
+                         time.monotonic() - t0, len(stream.generated) - before)
+            warmed = len(tokens)
+            rounds += 1
+            if len(stream.generated) - before < self.gap_tokens or rounds >= self.rounds:
+                break
+        if stream.finish_reason is not None or stream.id not in self.active:
+            return {"stream": stream.id, "state": "finished before the move"}
+        stream.switch_to = dest
+        return {"stream": stream.id, "state": "switching", "to": dest.key,
+                "warm_rounds": rounds, "at_token": len(stream.generated)}
+
+
+def usage(stream: Stream) -> dict:
+    prompt, completion = len(stream.prompt_ids or []), len(stream.generated)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def final_response(stream: Stream) -> dict:
+    """The non-streaming response built from a finished stream."""
+    text = "".join(stream.text)
+    choice: dict = {"index": 0, "logprobs": None, "finish_reason": stream.finish_reason,
+                    "stop_reason": stream.stop_reason}
+    if stream.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+        obj = "chat.completion"
+    else:
+        choice["text"] = text
+        obj = "text_completion"
+    if stream.wants_token_ids:
+        choice["token_ids"] = stream.generated
+        if stream.kind == "completion":
+            choice["prompt_token_ids"] = stream.prompt_ids
+    out = {"id": stream.response_id, "object": obj, "created": stream.created,
+           "model": stream.model, "choices": [choice], "usage": usage(stream)}
+    if stream.wants_token_ids and stream.kind == "chat":
+        out["prompt_token_ids"] = stream.prompt_ids
+    return out
