@@ -146,10 +146,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         print(f"sllm node: error: {e}", file=sys.stderr)
         return 2
     node.start(calibrate=not args.no_calibrate)
-    try:
-        serve(node, config.host, config.port)
-    finally:
-        node.close()
+    serve(node, config.host, config.port)  # its shutdown stops the replicas (see store.api)
     return 0
 
 

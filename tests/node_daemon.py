@@ -107,9 +107,11 @@ class NodeDaemon(ServiceProcess):
             with contextlib.suppress(httpx.HTTPError, AssertionError):
                 pids = [r["pid"] for r in self.ok("GET", "/replicas") if r["pid"]]
         super().stop(sig)
-        for pid in pids:
-            if pid_alive(pid) and sig != signal.SIGKILL:
-                os.killpg(pid, signal.SIGKILL)
+        survivors = [pid for pid in pids if pid_alive(pid)]
+        for pid in survivors:
+            os.killpg(pid, signal.SIGKILL)
+        assert sig == signal.SIGKILL or not survivors, (
+            f"replica process(es) {survivors} outlived the node daemon's shutdown")
 
 
 class RouterProcess(ServiceProcess):

@@ -7,6 +7,8 @@ status that says what was wrong; the daemon keeps serving after any of them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -72,7 +74,14 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def create_app(node: Node) -> FastAPI:
-    app = FastAPI(title="sllm node", version="1",
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        # Here, not after uvicorn.run returns: uvicorn re-raises the SIGTERM it caught once
+        # it has shut down, so code after it never runs, and replicas would outlive us.
+        await asyncio.to_thread(node.close)
+
+    app = FastAPI(title="sllm node", version="1", lifespan=lifespan,
                   description="Checkpoint tiers and vLLM replicas of one server.")
     def authorized(creds: Credentials) -> None:
         token = node.config.token
