@@ -123,8 +123,11 @@ def metric(router: RouterProcess, name: str, **labels) -> float:
 
 
 def quiet(router: RouterProcess) -> None:
-    """Wait until streams abandoned by earlier tests have ended (their replicas finish them)."""
+    """Wait until streams abandoned by earlier tests have ended, in the router and in the
+    replicas (their own running/waiting metrics, which the router polls)."""
     wait_for(lambda: router.ok("GET", "/admin/streams") == [], what="no active streams")
+    wait_for(lambda: all(r["running"] == 0 and r["waiting"] == 0
+                         for r in ready_replicas(router)), timeout=120, what="idle replicas")
 
 
 def ready_replicas(router: RouterProcess) -> list[dict]:
@@ -203,7 +206,7 @@ def test_a_second_replica_is_adopted_and_prefix_affinity_holds_until_overload(cl
     with httpx.Client(base_url=router.url, timeout=600) as client:
         for _ in range(5):
             s = client.stream("POST", "/v1/completions", json={
-                "model": MODEL, "prompt": long_prompt + " more", "max_tokens": TOKEN_LIMIT,
+                "model": MODEL, "prompt": long_prompt + " more", "max_tokens": 400,
                 "temperature": 0, "ignore_eos": True, "stream": True})
             response = s.__enter__()
             streams.append((s, response))
