@@ -28,7 +28,7 @@ MODEL = "org/llama"
 REPLICA_ARGS = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "8",
                 "--dtype", "float32"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-LONG = 300  # tokens a migrated stream generates: long enough to move it half way
+LONG = 500  # tokens a migrated stream generates: long enough to move it half way
 TOKEN_LIMIT = 1000  # the router's max_tokens limit; streams kept open use all of it
 
 
@@ -236,19 +236,25 @@ def test_live_migration_yields_exactly_the_unmigrated_tokens(cluster, kind):
     expected, expected_text, _ = stream_tokens(router, path, body)
     unmigrated_s = time.monotonic() - t0
     assert len(expected) == LONG
-    moved: dict = {}
+    # The move must start while the stream runs: on this shared 2-core VM a warm-up now and
+    # then takes longer than the whole stream; then the attempt is made again (at most 3).
+    for _attempt in range(3):
+        moved: dict = {}
 
-    def migrate() -> None:
-        t = time.monotonic()
-        (stream,) = router.ok("GET", "/admin/streams")
-        moved["from"] = stream["replica"]
-        moved["generated"] = stream["generated"]
-        moved["answer"] = router.ok("POST", "/admin/migrate", {"stream": stream["id"]})
-        moved["call_s"] = time.monotonic() - t
-        moved["unmigrated_s"] = unmigrated_s
+        def migrate(moved: dict = moved) -> None:
+            t = time.monotonic()
+            (stream,) = router.ok("GET", "/admin/streams")
+            moved["from"] = stream["replica"]
+            moved["generated"] = stream["generated"]
+            moved["answer"] = router.ok("POST", "/admin/migrate", {"stream": stream["id"]})
+            moved["call_s"] = time.monotonic() - t
+            moved["unmigrated_s"] = unmigrated_s
 
-    before = metric(router, "sllm_router_migrations_total", reason="migration")
-    got, text, chunks = stream_tokens(router, path, body, on_first=migrate)
+        before = metric(router, "sllm_router_migrations_total", reason="migration")
+        quiet(router)
+        got, text, chunks = stream_tokens(router, path, body, on_first=migrate)
+        if moved["answer"]["state"] == "switching":
+            break
     assert moved["answer"]["state"] == "switching", moved
     assert moved["answer"]["to"] != moved["from"]
     assert got == expected  # token for token
