@@ -6,14 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..configfile import ConfigError, read_mapping, validate
 
 DEFAULT_PORT = 8080
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the reason."""
 
 
 class _Strict(BaseModel):
@@ -61,24 +58,12 @@ class RouterConfig(_Strict):
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RouterConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the configuration ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the configuration must be a mapping")
-        raw.update(loaded or {})
+    """Read the YAML file (if any), apply the flags that were given, validate everything."""
+    raw = read_mapping(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if "admin_token" not in raw and os.environ.get("SLLM_ROUTER_TOKEN"):
         raw["admin_token"] = os.environ["SLLM_ROUTER_TOKEN"]
-    try:
-        return RouterConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-                             for err in e.errors())
-        raise ConfigError(f"{path or 'flags'}: invalid router configuration: {problems} "
-                          f"(valid keys: {', '.join(RouterConfig.model_fields)})") from None
+    return validate(RouterConfig, raw, path, "router")
+
+
+__all__ = ["ConfigError", "ModelSpec", "NodeRef", "RouterConfig", "load_config"]

@@ -13,17 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
+from ..configfile import ConfigError, read_mapping, validate
 from .names import check_model_name
 
 DEFAULT_PORT = 8073
 DEFAULT_REPLICA_COMMAND = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-
-
-class ConfigError(ValueError):
-    """The configuration file or flags are invalid; the message says which key and why."""
 
 
 class _Strict(BaseModel):
@@ -108,17 +104,7 @@ def default_ssd_tier() -> TierConfig:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
     """Read the YAML file (if any), apply the flags that were given, validate everything."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the configuration ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
-        raw.update(loaded or {})
+    raw = read_mapping(path)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -132,17 +118,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             raw[key] = value
     if "token" not in raw and os.environ.get("SLLM_NODE_TOKEN"):
         raw["token"] = os.environ["SLLM_NODE_TOKEN"]
-    try:
-        return NodeConfig.model_validate(raw)
-    except ValidationError as e:
-        where = f"{path}: " if path else ""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        valid = ", ".join(NodeConfig.model_fields)
-        raise ConfigError(f"{where}invalid node configuration: {problems} (valid keys: {valid})"
-                          ) from None
+    return validate(NodeConfig, raw, path, "node")
 
 
 def _default_section(name: str) -> dict[str, Any]:
