@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
+from ..httperrors import describe_request_errors
 from .autoscaler import Autoscaler, RouterError
 from .cluster import Cluster
 from .config import ModelSpec, RouterConfig
@@ -144,9 +145,7 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: "
-                             f"{err['msg']}" for err in e.errors())
-        return error(400, problems, "invalid_request_error")
+        return error(400, describe_request_errors(e.errors()), "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

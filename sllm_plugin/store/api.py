@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..httperrors import describe_request_errors
 from .names import InvalidModelName
 from .node import Node, NodeError
 
@@ -104,14 +105,7 @@ def create_app(node: Node) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, e: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in e.errors():
-            if err.get("type") == "json_invalid":
-                problems.append(f"malformed JSON body: {err.get('ctx', {}).get('error', '')}")
-            else:
-                where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-                problems.append(f"{where}: {err['msg']}")
-        return _error(400, "; ".join(problems), "invalid_request")
+        return _error(400, describe_request_errors(e.errors()), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
