@@ -15,7 +15,7 @@ import secrets
 import time
 from typing import Annotated, Any
 
-import httpx
+import aiohttp
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +30,7 @@ from .metrics import RouterMetrics
 from .policy import MigrationModel
 from .prefix import PrefixIndex, prompt_blocks
 from .streams import Stream, StreamRunner, UpstreamRejected, final_response, trackable
+from .upstream import UpstreamErrors, dumps, open_session, sse_batches, timeout
 
 logger = logging.getLogger("sllm_plugin.router")
 Credentials = Annotated[HTTPAuthorizationCredentials | None,
@@ -76,8 +77,8 @@ class Router:
         self.metrics = RouterMetrics()
         self.migration = MigrationModel()
         self.prefix = PrefixIndex()
-        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048,
-                                                          max_keepalive_connections=512))
+        # Opened in `start`, inside the server's event loop (aiohttp binds a session to it).
+        self.http: aiohttp.ClientSession = None  # type: ignore[assignment]
         self.cluster = Cluster(config, self.http)
         self.autoscaler = Autoscaler(config, self.cluster, self.metrics, self.migration,
                                      self.prefix)
@@ -94,6 +95,7 @@ class Router:
             record["pause_s"])
 
     async def start(self) -> None:
+        self.http = self.cluster.http = self.runner.http = open_session()
         await self.cluster.register_models()
         await self.cluster.poll_once()
         self.tasks = [asyncio.create_task(self.cluster.poll_forever()),
@@ -102,7 +104,7 @@ class Router:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
-        await self.http.aclose()
+        await self.http.close()
 
 
 def create_app(config: RouterConfig) -> FastAPI:
@@ -266,7 +268,7 @@ def create_app(config: RouterConfig) -> FastAPI:
                                           "type": "upstream_error", "code": 502}})
                     yield f"data: {json.dumps(message)}\n\n"
                     break
-                yield f"data: {json.dumps(item)}\n\n"
+                yield b"".join([b"data: " + dumps(chunk) + b"\n\n" for chunk in item])
                 item = await stream.events.get()
             yield "data: [DONE]\n\n"
             _observe(stream, started, 200)
@@ -278,26 +280,26 @@ def create_app(config: RouterConfig) -> FastAPI:
         """Requests the router cannot follow token by token: proxied as they are."""
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         replica.in_flight += 1
-        timeout = httpx.Timeout(config.limits.upstream_timeout_s, connect=10)
+        limit = timeout(config.limits.upstream_timeout_s)
         try:
             if not body.get("stream"):
-                r = await router.http.post(f"{replica.url}{path}", json=body, timeout=timeout)
-                router.metrics.requests.labels(body["model"], str(r.status_code)).inc()
-                return Response(r.content, status_code=r.status_code,
-                                media_type="application/json")
-        except httpx.HTTPError as e:
-            return error(502, f"upstream failure: {e}", "upstream_error")
+                async with router.http.post(f"{replica.url}{path}", json=body,
+                                            timeout=limit) as r:
+                    content = await r.read()
+                router.metrics.requests.labels(body["model"], str(r.status)).inc()
+                return Response(content, status_code=r.status, media_type="application/json")
+        except UpstreamErrors as e:
+            return error(502, f"upstream failure: {type(e).__name__}: {e}", "upstream_error")
         finally:
             if not body.get("stream"):
                 replica.in_flight -= 1
 
         async def relay():
             try:
-                async with router.http.stream("POST", f"{replica.url}{path}", json=body,
-                                              timeout=timeout) as r:
-                    async for line in r.aiter_lines():
-                        if line:
-                            yield line + "\n\n"
+                async with router.http.post(f"{replica.url}{path}", json=body,
+                                            timeout=limit) as r:
+                    async for batch in sse_batches(r):
+                        yield "".join([line + "\n\n" for line in batch])
             finally:
                 replica.in_flight -= 1
 
@@ -348,6 +350,9 @@ def create_app(config: RouterConfig) -> FastAPI:
             return await router.runner.migrate(stream, dest)
         except ValueError as e:
             raise RouterError(str(e), 400, "invalid_request_error") from None
+        except UpstreamErrors as e:
+            raise RouterError(f"warming {dest.key} failed, the stream stays where it was: "
+                              f"{type(e).__name__}: {e}", 502, "upstream_error") from None
 
     return app
 

@@ -1,7 +1,7 @@
 """The node daemons as the router sees them: polled status, replicas, start and stop.
 
-Everything is plain HTTP (httpx) to the node daemons' API and the replicas' own endpoints; the
-policy gets immutable views (`NodeView`, `ReplicaView`) built from the last poll.
+Everything is plain HTTP (the `upstream` session) to the node daemons' API and the replicas'
+own endpoints; the policy gets immutable views (`NodeView`, `ReplicaView`) built from the last poll.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .config import NodeRef, RouterConfig
 from .policy import NodeView, ReplicaView, TierView
+from .upstream import UpstreamErrors, deadline, read_json
 
 logger = logging.getLogger("sllm_plugin.router")
 
@@ -60,7 +61,7 @@ class Replica:
 
 
 class Cluster:
-    def __init__(self, config: RouterConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: RouterConfig, http: aiohttp.ClientSession) -> None:
         self.config = config
         self.http = http
         self.nodes: dict[str, NodeRef] = {n.name: n for n in config.nodes}
@@ -82,10 +83,11 @@ class Cluster:
 
     async def _poll_node(self, name: str) -> None:
         try:
-            r = await self.http.get(f"{self.nodes[name].url}/status", timeout=10)
-            r.raise_for_status()
-            status = r.json()
-        except (httpx.HTTPError, ValueError) as e:
+            async with self.http.get(f"{self.nodes[name].url}/status",
+                                     timeout=deadline(10)) as r:
+                r.raise_for_status()
+                status = await read_json(r)
+        except (*UpstreamErrors, ValueError) as e:
             # No new placements there; its replicas stay routable (a busy node answers slowly,
             # and a replica that really died fails its streams over on its own).
             if self.status.get(name) is not None:
@@ -119,12 +121,13 @@ class Cluster:
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
-            r = await self.http.get(f"{replica.url}/metrics", timeout=5)
-            r.raise_for_status()
-        except httpx.HTTPError:
+            async with self.http.get(f"{replica.url}/metrics", timeout=deadline(5)) as r:
+                r.raise_for_status()
+                text = await r.text()
+        except UpstreamErrors:
             return
         running = waiting = 0.0
-        for family in text_string_to_metric_families(r.text):
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "vllm:num_requests_running":
                     running += sample.value
@@ -186,25 +189,29 @@ class Cluster:
         spec = self.config.models[model]
         if not spec.source:
             return
-        r = await self.http.post(f"{self.nodes[node].url}/models", headers=self._headers(node),
-                                 json={"name": model, "source": spec.source,
-                                       "replica_args": spec.replica_args}, timeout=30)
-        if r.status_code >= 300:
-            logger.warning("registering %s on %s: %s %s", model, node, r.status_code, r.text)
+        async with self.http.post(f"{self.nodes[node].url}/models",
+                                  headers=self._headers(node), timeout=deadline(30),
+                                  json={"name": model, "source": spec.source,
+                                        "replica_args": spec.replica_args}) as r:
+            if r.status >= 300:
+                logger.warning("registering %s on %s: %s %s", model, node, r.status,
+                               await r.text())
 
     async def start_replica(self, node: str, model: str, timeout: float) -> Replica:
         self.starting[node] = self.starting.get(node, 0) + 1
         try:
             await self.register(node, model)
-            r = await self.http.post(f"{self.nodes[node].url}/replicas",
-                                     headers=self._headers(node), timeout=timeout + 30,
-                                     json={"model": model, "wait": True, "timeout_s": timeout})
-        except httpx.HTTPError as e:
+            async with self.http.post(f"{self.nodes[node].url}/replicas",
+                                      headers=self._headers(node),
+                                      timeout=deadline(timeout + 30),
+                                      json={"model": model, "wait": True,
+                                            "timeout_s": timeout}) as r:
+                status, info = r.status, await read_json(r)
+        except (*UpstreamErrors, ValueError) as e:
             raise NodeUnavailable(f"node {node}: {type(e).__name__}: {e}") from None
         finally:
             self.starting[node] -= 1
-        info = r.json()
-        if r.status_code >= 300 or info.get("state") != "ready":
+        if status >= 300 or info.get("state") != "ready":
             message = (info.get("error") or {}).get("message") if "error" in info else info
             raise NodeUnavailable(f"node {node} could not start {model}: {message}")
         replica = Replica(node, info["id"], model, info["url"], tier=info.get("tier"),
@@ -216,8 +223,10 @@ class Cluster:
         replica.state = "stopping"
         try:
             url = f"{self.nodes[replica.node].url}/replicas/{replica.node_replica_id}"
-            await self.http.delete(url, headers=self._headers(replica.node), timeout=120)
-        except httpx.HTTPError as e:
+            async with self.http.delete(url, headers=self._headers(replica.node),
+                                        timeout=deadline(120)):
+                pass
+        except UpstreamErrors as e:
             logger.warning("stopping %s: %s", replica.key, e)
         replica.state = "gone"
         self._drop_gone()

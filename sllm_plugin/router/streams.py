@@ -24,10 +24,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .cluster import Replica
 from .policy import MigrationModel
+from .upstream import UpstreamErrors, loads, sse_batches, timeout
 
 logger = logging.getLogger("sllm_plugin.router")
 
@@ -88,6 +89,9 @@ class Stream:
     # Bounded: a client that stops reading stops the router reading the replica (its memory
     # stays bounded, and the request stays in flight, counted as the replica's load).
     events: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    pending: list[dict] = field(default_factory=list)  # chunks not yet handed to `events`
+    # Whether the text so far ends on a whole character; a move waits for one (see `_take`).
+    clean_boundary: bool = False
     migrations: list[dict] = field(default_factory=list)
     last_emit: float | None = None
     first_emit: float | None = None
@@ -112,7 +116,7 @@ class Stream:
 class StreamRunner:
     """Runs streams against replicas: forwards, records tokens, migrates, fails over."""
 
-    def __init__(self, http: httpx.AsyncClient, pick: Callable[..., Awaitable[Replica]],
+    def __init__(self, http: aiohttp.ClientSession, pick: Callable[..., Awaitable[Replica]],
                  migration: MigrationModel, gap_tokens: int, rounds: int,
                  timeout_s: float, on_migrated: Callable[[Stream, dict], None] | None = None
                  ) -> None:
@@ -124,8 +128,8 @@ class StreamRunner:
     # -- the producer -------------------------------------------------------------------
 
     async def run(self, stream: Stream, replica: Replica) -> None:
-        """Produce the client's chunks into `stream.events`; ends with None (or an exception
-        object the consumer raises)."""
+        """Produce the client's chunks into `stream.events`, in batches (lists of chunks);
+        ends with None (or an exception object the consumer raises)."""
         self.active[stream.id] = stream
         self._attach(stream, replica)
         failed: set[str] = set()
@@ -152,7 +156,7 @@ class StreamRunner:
                     continue
                 break
             if stream.body.get("stream_options", {}).get("include_usage"):
-                await stream.events.put(self._usage_chunk(stream))
+                await stream.events.put([self._usage_chunk(stream)])
             await stream.events.put(None)
         except Exception as e:  # handed to the consumer, which answers the client with it
             await stream.events.put(e)
@@ -200,66 +204,91 @@ class StreamRunner:
                        reason: str) -> str:
         if stream.prompt_ids is not None and len(stream.generated) >= stream.max_tokens:
             stream.finish_reason = "length"
-            await self._emit(stream, "", [], "length", None)
+            self._emit(stream, "", [], "length", None)
+            await self._flush(stream)
             return "done"
         continuation = stream.prompt_ids is not None
         path, body = self._request(stream)
         try:
-            async with self.http.stream("POST", f"{replica.url}{path}", json=body,
-                                        timeout=httpx.Timeout(self.timeout_s, connect=10)
-                                        ) as resp:
-                if resp.status_code != 200:
-                    raw = await resp.aread()
-                    if 400 <= resp.status_code < 500 and not continuation:
+            async with self.http.post(f"{replica.url}{path}", json=body,
+                                      timeout=timeout(self.timeout_s)) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    if 400 <= resp.status < 500 and not continuation:
                         try:
                             payload = json.loads(raw)
                         except ValueError:
                             payload = {"error": {"message": raw.decode(errors="replace")}}
-                        raise UpstreamRejected(resp.status_code, payload)
-                    raise UpstreamBroken(f"HTTP {resp.status_code}: {raw[:300]!r}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise UpstreamBroken(f"replica error: {chunk['error']}")
-                    choices = chunk.get("choices") or []
-                    if not choices:
-                        continue
-                    choice = choices[0]
-                    # Completions carry the prompt's ids in the choice, chat in the chunk.
-                    prompt_ids = choice.get("prompt_token_ids") or chunk.get("prompt_token_ids")
-                    if stream.prompt_ids is None and prompt_ids is not None:
-                        stream.prompt_ids = list(prompt_ids)
-                        replica.tokens_in_flight += len(stream.prompt_ids)
-                        stream.started.set()
-                    ids = list(choice.get("token_ids") or [])
-                    if continuation or stream.kind == "completion":
-                        delta = None
-                        text = choice.get("text") or ""
-                    else:
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content") or ""
-                    stream.generated.extend(ids)
-                    replica.tokens_in_flight += len(ids)
-                    stream.text.append(text)
-                    finish = choice.get("finish_reason")
-                    if pause_from is not None and (ids or finish):
-                        self._record_move(stream, replica, pause_from, reason)
-                        pause_from = None
-                    await self._emit(stream, text, ids, finish, delta)
-                    if finish:
-                        stream.finish_reason = finish
-                        stream.stop_reason = choice.get("stop_reason")
+                        raise UpstreamRejected(resp.status, payload)
+                    raise UpstreamBroken(f"HTTP {resp.status}: {raw[:300]!r}")
+                async for batch in sse_batches(resp):
+                    outcome = self._take(stream, replica, batch, continuation)
+                    if stream.pending:
+                        if pause_from is not None:
+                            self._record_move(stream, replica, pause_from, reason)
+                            pause_from = None
+                        await self._flush(stream)
+                    if outcome == "done":
+                        # Read to the end ("[DONE]") so the connection goes back to the pool
+                        # instead of being closed and opened again for the next request.
+                        await resp.read()
                         return "done"
-                    if stream.switch_to is not None and stream.prompt_ids is not None:
+                    if outcome == "eof":
+                        break
+                    if (stream.switch_to is not None and stream.prompt_ids is not None
+                            and stream.clean_boundary):
                         return "switch"
-        except httpx.TransportError as e:
+        except UpstreamErrors as e:
             raise UpstreamBroken(f"{type(e).__name__}: {e}") from None
         raise UpstreamBroken("the stream ended without a finish reason")
+
+    def _take(self, stream: Stream, replica: Replica, lines: list[str],
+              continuation: bool) -> str | None:
+        """Record one batch of the replica's SSE lines and queue the client's chunks for them;
+        "done" after the finishing chunk, "eof" at "[DONE]" without one."""
+        for line in lines:
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return "eof"
+            chunk = loads(data)
+            if "error" in chunk:
+                raise UpstreamBroken(f"replica error: {chunk['error']}")
+            choices = chunk.get("choices") or []
+            if not choices:
+                continue
+            choice = choices[0]
+            # Completions carry the prompt's ids in the choice, chat in the chunk.
+            prompt_ids = choice.get("prompt_token_ids") or chunk.get("prompt_token_ids")
+            if stream.prompt_ids is None and prompt_ids is not None:
+                stream.prompt_ids = list(prompt_ids)
+                replica.tokens_in_flight += len(stream.prompt_ids)
+                stream.started.set()
+            ids = list(choice.get("token_ids") or [])
+            if continuation or stream.kind == "completion":
+                delta = None
+                text = choice.get("text") or ""
+            else:
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+            stream.generated.extend(ids)
+            replica.tokens_in_flight += len(ids)
+            stream.text.append(text)
+            if ids:
+                # A token prompt that ends inside a multi-byte character (its text held back,
+                # or given up as U+FFFD) makes vLLM's detokenizer (tokenizers' DecodeStream
+                # primed with the prompt) emit the whole prompt's text with the first new
+                # token. Tokens stay right, text would not: moves happen after whole chars.
+                stream.clean_boundary = bool(text) and not text.endswith("\ufffd")
+            finish = choice.get("finish_reason")
+            if finish:
+                stream.finish_reason = finish
+                stream.stop_reason = choice.get("stop_reason")
+            self._emit(stream, text, ids, finish, delta)
+            if finish:
+                return "done"
+        return None
 
     def _record_move(self, stream: Stream, replica: Replica, pause_from: float,
                      reason: str) -> None:
@@ -270,8 +299,9 @@ class StreamRunner:
         if self.on_migrated:
             self.on_migrated(stream, record)
 
-    async def _emit(self, stream: Stream, text: str, ids: list[int], finish: str | None,
-                    delta: dict | None) -> None:
+    def _emit(self, stream: Stream, text: str, ids: list[int], finish: str | None,
+              delta: dict | None) -> None:
+        """Add the client's chunk for these tokens to `stream.pending`."""
         now = time.monotonic()
         if ids or text or finish or delta:
             stream.last_emit = now
@@ -294,7 +324,12 @@ class StreamRunner:
                 (chunk if stream.kind == "chat" else choice)["prompt_token_ids"] = \
                     stream.prompt_ids
         stream.emitted += 1
-        await stream.events.put(chunk)
+        stream.pending.append(chunk)
+
+    async def _flush(self, stream: Stream) -> None:
+        """Hand the pending chunks to the client's side as one batch (one write)."""
+        batch, stream.pending = stream.pending, []
+        await stream.events.put(batch)
 
     def _usage_chunk(self, stream: Stream) -> dict:
         obj = "chat.completion.chunk" if stream.kind == "chat" else "text_completion"
@@ -317,9 +352,12 @@ class StreamRunner:
             before = len(stream.generated)
             tokens = (stream.prompt_ids or []) + stream.generated
             t0 = time.monotonic()
-            r = await self.http.post(f"{dest.url}/v1/completions", timeout=self.timeout_s, json={
-                "model": stream.model, "prompt": tokens, "max_tokens": 1, "temperature": 0})
-            r.raise_for_status()
+            async with self.http.post(f"{dest.url}/v1/completions",
+                                      timeout=timeout(self.timeout_s), json={
+                                          "model": stream.model, "prompt": tokens,
+                                          "max_tokens": 1, "temperature": 0}) as r:
+                r.raise_for_status()
+                await r.read()
             # The first round prefills everything; later rounds only the new tokens.
             self.migration.observe(len(tokens) - warmed, time.monotonic() - t0)
             logger.debug("migrating %s to %s: warm round %d, %d tokens in %.3f s; %d generated "
