@@ -4,9 +4,12 @@
 
 It accepts the flags the node daemon gives a vLLM replica (and ignores those it does not use),
 so the node daemon can launch it as its replica command. /v1/completions and
-/v1/chat/completions stream `max_tokens` tokens at once, one SSE chunk per token, with token
+/v1/chat/completions stream `max_tokens` tokens, one SSE chunk per token, either all at once
+or one every `--token-interval-ms` (the pace of a decoding replica), with token
 ids 0, 1, 2, ... after the prompt's (and `return_token_ids`, as vLLM sends them), so a client
-can check that no token was lost or repeated. A token prompt (list of ids) continues the
+can check that no token was lost or repeated. Each token's text carries the moment it was
+written (`" t5@<time.monotonic()>"`, one clock for all processes of the machine), so a client
+measures how long every token took to reach it. A token prompt (list of ids) continues the
 sequence from its length minus the prompt's, as a migrated request does. /health and /metrics
 answer as vLLM's do. It exists to measure the router's own overhead; it stands in for vLLM
 only in that benchmark.
@@ -15,7 +18,9 @@ only in that benchmark.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import time
 
 import uvicorn
 from starlette.applications import Starlette
@@ -26,7 +31,7 @@ from starlette.routing import Route
 PROMPT_IDS = [1, 2, 3, 4]
 
 
-def build(model: str) -> Starlette:
+def build(model: str, interval_s: float = 0.0) -> Starlette:
     async def health(_: Request):
         return PlainTextResponse("")
 
@@ -44,9 +49,9 @@ def build(model: str) -> Starlette:
         def chunk(i: int, last: bool) -> str:
             choice = {"index": 0, "finish_reason": "length" if last else None}
             if chat and not isinstance(prompt, list):
-                choice["delta"] = {"content": f" t{i}"}
+                choice["delta"] = {"content": f" t{i}@{time.monotonic():.6f}"}
             else:
-                choice["text"] = f" t{i}"
+                choice["text"] = f" t{i}@{time.monotonic():.6f}"
             if ids:
                 choice["token_ids"] = [i]
                 if i == start:
@@ -62,6 +67,8 @@ def build(model: str) -> Starlette:
 
         async def events():
             for i in range(start, start + n):
+                if interval_s and i > start:
+                    await asyncio.sleep(interval_s)  # the replica's decoding pace
                 yield chunk(i, i == start + n - 1)
             yield "data: [DONE]\n\n"
 
@@ -78,10 +85,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default="fast")
     parser.add_argument("--model", default="fast")
+    parser.add_argument("--token-interval-ms", type=float, default=0.0,
+                        help="time between tokens of one stream (0: as fast as possible)")
     args, _ = parser.parse_known_args()
     print(f"fast upstream serving {args.served_model_name} on port {args.port}", flush=True)
-    uvicorn.run(build(args.served_model_name), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(build(args.served_model_name, args.token_interval_ms / 1e3), host=args.host,
+                port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

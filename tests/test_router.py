@@ -262,6 +262,11 @@ def test_live_migration_yields_exactly_the_unmigrated_tokens(cluster, kind):
     assert len({c["id"] for c in chunks}) == 1  # one response, as the client sees it
     assert metric(router, "sllm_router_migrations_total", reason="migration") == before + 1
     assert metric(router, "sllm_router_migration_pause_seconds_count", reason="migration") >= 1
+    move = router.ok("GET", "/admin/migrations")[-1]
+    assert (move["stream"], move["reason"], move["from"], move["to"]) == (
+        moved["answer"]["stream"], "migration", moved["from"], moved["answer"]["to"])
+    # The move happens at a token the client had not yet been sent when it was asked for.
+    assert moved["generated"] <= move["at_token"] < LONG
 
 
 def test_a_replica_killed_mid_stream_is_survived_without_losing_a_token(cluster):
@@ -284,6 +289,9 @@ def test_a_replica_killed_mid_stream_is_survived_without_losing_a_token(cluster)
     got, _, _ = stream_tokens(router, "/v1/completions", body, on_first=kill)
     assert got == expected
     assert metric(router, "sllm_router_migrations_total", reason="failover") == before + 1
+    move = router.ok("GET", "/admin/migrations")[-1]
+    assert (move["reason"], move["from"]) == ("failover", f"{killed['node']}/{killed['id']}")
+    assert move["to"] != move["from"] and 0 < move["at_token"] < LONG
     state = wait_for(lambda: nodes[killed["node"]].ok(
         "GET", f"/replicas/{killed['id']}")["state"] in ("exited", "failed") or None,
         what="the node reaping the killed replica")

@@ -8,6 +8,7 @@ here, so no hop-by-hop header leaks either way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -88,8 +89,10 @@ class Router:
                                    config.limits.upstream_timeout_s, self._migrated)
         self.autoscaler.runner = self.runner
         self.tasks: list[asyncio.Task] = []
+        self.recent_moves: collections.deque[dict] = collections.deque(maxlen=256)
 
     def _migrated(self, stream: Stream, record: dict) -> None:
+        self.recent_moves.append(record)
         self.metrics.migrations.labels(stream.model, record["reason"]).inc()
         self.metrics.migration_pause.labels(stream.model, record["reason"]).observe(
             record["pause_s"])
@@ -314,6 +317,11 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/admin/streams", dependencies=admin_only)
     def streams() -> list[dict]:
         return [s.describe() for s in router.runner.active.values()]
+
+    @app.get("/admin/migrations", dependencies=admin_only)
+    def migrations() -> list[dict]:
+        """The last 256 moves (migrations and failovers), oldest first."""
+        return list(router.recent_moves)
 
     @app.get("/admin/placements", dependencies=admin_only)
     def placements() -> list[dict]:

@@ -92,6 +92,7 @@ class Stream:
     pending: list[dict] = field(default_factory=list)  # chunks not yet handed to `events`
     # Whether the text so far ends on a whole character; a move waits for one (see `_take`).
     clean_boundary: bool = False
+    moved_from: str | None = None  # the replica of the move under way
     migrations: list[dict] = field(default_factory=list)
     last_emit: float | None = None
     first_emit: float | None = None
@@ -145,6 +146,7 @@ class StreamRunner:
                     logger.warning("stream %s: %s broke (%s); failing over", stream.id,
                                    stream.replica.key, e)
                     pause_from, reason = stream.last_emit or time.monotonic(), "failover"
+                    stream.moved_from = stream.replica.key
                     nxt = await self.pick(stream.model, exclude=failed)
                     self._attach(stream, nxt)
                     continue
@@ -152,6 +154,7 @@ class StreamRunner:
                     dest, stream.switch_to = stream.switch_to, None
                     assert dest is not None
                     pause_from, reason = stream.last_emit or time.monotonic(), "migration"
+                    stream.moved_from = stream.replica.key if stream.replica else None
                     self._attach(stream, dest)
                     continue
                 break
@@ -209,9 +212,11 @@ class StreamRunner:
             return "done"
         continuation = stream.prompt_ids is not None
         path, body = self._request(stream)
+        sent, had = time.monotonic(), len(stream.generated)
         try:
             async with self.http.post(f"{replica.url}{path}", json=body,
                                       timeout=timeout(self.timeout_s)) as resp:
+                answered = time.monotonic()
                 if resp.status != 200:
                     raw = await resp.read()
                     if 400 <= resp.status < 500 and not continuation:
@@ -225,7 +230,11 @@ class StreamRunner:
                     outcome = self._take(stream, replica, batch, continuation)
                     if stream.pending:
                         if pause_from is not None:
-                            self._record_move(stream, replica, pause_from, reason)
+                            self._record_move(stream, replica, pause_from, reason, had)
+                            logger.debug("stream %s: continuation sent %.3f s into the pause, "
+                                         "answered after %.3f s, first chunk after %.3f s",
+                                         stream.id, sent - pause_from, answered - sent,
+                                         time.monotonic() - sent)
                             pause_from = None
                         await self._flush(stream)
                     if outcome == "done":
@@ -291,11 +300,15 @@ class StreamRunner:
         return None
 
     def _record_move(self, stream: Stream, replica: Replica, pause_from: float,
-                     reason: str) -> None:
+                     reason: str, at_token: int) -> None:
+        """Note a finished move; `at_token` is the index of the first token from `replica`."""
         pause = time.monotonic() - pause_from
-        record = {"to": replica.key, "reason": reason, "pause_s": pause,
-                  "at_token": len(stream.generated)}
+        record = {"stream": stream.id, "model": stream.model, "from": stream.moved_from,
+                  "to": replica.key, "reason": reason, "pause_s": pause, "at_token": at_token,
+                  "time": time.time()}
         stream.migrations.append(record)
+        logger.debug("stream %s moved to %s (%s) at token %d: pause %.3f s", stream.id,
+                     replica.key, reason, record["at_token"], pause)
         if self.on_migrated:
             self.on_migrated(stream, record)
 
