@@ -48,12 +48,21 @@ class UpstreamBroken(Exception):
     """The replica's stream ended without a finish (the replica died or was cut off)."""
 
 
+class ReplayDiverged(Exception):
+    """A greedy continuation regenerated other tokens than the client already has."""
+
+
 class UpstreamRejected(Exception):
     """The replica refused the request (4xx): the client's error, passed through as is."""
 
     def __init__(self, status: int, body: dict) -> None:
         super().__init__(str(body))
         self.status, self.body = status, body
+
+
+def greedy(body: dict) -> bool:
+    """Whether the request decodes greedily, so a continuation regenerates the same tokens."""
+    return body.get("temperature") == 0 or body.get("top_k") == 1
 
 
 def trackable(kind: str, body: dict) -> str | None:
@@ -92,6 +101,10 @@ class Stream:
     pending: list[dict] = field(default_factory=list)  # chunks not yet handed to `events`
     # Whether the text so far ends on a whole character; a move waits for one (see `_take`).
     clean_boundary: bool = False
+    clean_at: int = 0  # tokens generated up to the last whole-character boundary
+    # After a failover mid-character: tokens the client has that the continuation, resumed from
+    # `clean_at`, regenerates (greedy only); they are checked and not sent twice.
+    replay: list[int] = field(default_factory=list)
     moved_from: str | None = None  # the replica of the move under way
     migrations: list[dict] = field(default_factory=list)
     last_emit: float | None = None
@@ -147,6 +160,11 @@ class StreamRunner:
                                    stream.replica.key, e)
                     pause_from, reason = stream.last_emit or time.monotonic(), "failover"
                     stream.moved_from = stream.replica.key
+                    # A failover cannot wait for a whole character (see `_take`): a greedy
+                    # stream resumes from the last one instead and replays the rest.
+                    stream.replay = (stream.generated[stream.clean_at:]
+                                     if not stream.clean_boundary and greedy(stream.body)
+                                     else [])
                     nxt = await self.pick(stream.model, exclude=failed)
                     self._attach(stream, nxt)
                     continue
@@ -195,12 +213,12 @@ class StreamRunner:
             body.pop("max_completion_tokens", None)
             body.pop("stream_options", None)
             return path, body
+        done = len(stream.generated) - len(stream.replay)
         body = {k: stream.body[k] for k in CONTINUATION_KEYS if k in stream.body}
         if stream.body.get("min_tokens"):
-            body["min_tokens"] = max(0, int(stream.body["min_tokens"]) - len(stream.generated))
-        body.update(model=stream.model, prompt=stream.prompt_ids + stream.generated,
-                    max_tokens=stream.max_tokens - len(stream.generated), stream=True,
-                    return_token_ids=True)
+            body["min_tokens"] = max(0, int(stream.body["min_tokens"]) - done)
+        body.update(model=stream.model, prompt=stream.prompt_ids + stream.generated[:done],
+                    max_tokens=stream.max_tokens - done, stream=True, return_token_ids=True)
         return "/v1/completions", body
 
     async def _consume(self, stream: Stream, replica: Replica, pause_from: float | None,
@@ -275,9 +293,24 @@ class StreamRunner:
                 replica.tokens_in_flight += len(stream.prompt_ids)
                 stream.started.set()
             ids = list(choice.get("token_ids") or [])
+            finish = choice.get("finish_reason")
+            if stream.replay and ids:
+                # Regenerated tokens the client already has, with text it already has.
+                n = min(len(ids), len(stream.replay))
+                if ids[:n] != stream.replay[:n]:
+                    raise ReplayDiverged(
+                        f"stream {stream.id}: after a failover the greedy continuation "
+                        f"produced {ids[:n]} where the client already has {stream.replay[:n]}")
+                del stream.replay[:n]
+                ids = ids[n:]
+                if not ids and not finish:
+                    continue
+                replayed = True
+            else:
+                replayed = False
             if continuation or stream.kind == "completion":
                 delta = None
-                text = choice.get("text") or ""
+                text = "" if replayed and not ids else choice.get("text") or ""
             else:
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or ""
@@ -290,7 +323,8 @@ class StreamRunner:
                 # primed with the prompt) emit the whole prompt's text with the first new
                 # token. Tokens stay right, text would not: moves happen after whole chars.
                 stream.clean_boundary = bool(text) and not text.endswith("\ufffd")
-            finish = choice.get("finish_reason")
+                if stream.clean_boundary:
+                    stream.clean_at = len(stream.generated)
             if finish:
                 stream.finish_reason = finish
                 stream.stop_reason = choice.get("stop_reason")
