@@ -3,7 +3,7 @@
 One cluster for the module (each vLLM start costs about half a minute here): node "a" holds the
 model on SSD only, node "b" in its DRAM tier. The tests run in order: scale from zero (placed
 on "b"), bad input, prefix affinity, live migration (completions and chat), failover after a
-replica is killed mid-stream, and keep-alive scale-down.
+replica is killed mid-stream, draining a node, and keep-alive scale-down.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -178,6 +179,8 @@ def test_bad_input_and_limits_get_openai_errors_and_the_router_keeps_serving(clu
         (router.call("GET", "/admin/replicas", token="wrong"), 403, "wrong admin token"),
         (router.call("POST", "/admin/migrate", {"stream": "nope"}), 404, "no active stream"),
         (router.call("POST", "/admin/nodes/zz/drain"), 404, "no node 'zz'"),
+        (router.call("DELETE", "/admin/nodes/zz/drain"), 404, "no node 'zz'"),
+        (router.call("GET", "/admin/nodes", token=None), 401, "Bearer"),
     ]
     for response, status, needle in cases:
         assert response.status_code == status, response.text
@@ -299,6 +302,51 @@ def test_a_replica_killed_mid_stream_is_survived_without_losing_a_token(cluster)
     wait_for(lambda: all(r["id"] != f"{killed['node']}/{killed['id']}"
                          for r in router.ok("GET", "/admin/replicas")),
              what="the router forgetting the dead replica")
+
+
+def test_draining_a_node_moves_its_streams_off_token_exactly_and_stops_its_replicas(cluster):
+    router, nodes = cluster["router"], cluster["nodes"]
+    # The failover left one replica: start one on the other node, as an operator would.
+    (kept,) = wait_for(lambda: ready_replicas(router) or None, what="a ready replica")
+    (spare,) = [n for n in nodes if n != kept["node"]]
+    started = nodes[spare].ok("POST", "/replicas", {"model": MODEL, "wait": True})
+    httpx.post(f"{started['url']}/v1/completions", timeout=300, json={
+        "model": MODEL, "prompt": PROMPT, "max_tokens": 2}).raise_for_status()  # warm
+    wait_for(lambda: len(ready_replicas(router)) == 2, what="the router adopting it")
+    quiet(router)
+    body = {"model": MODEL, "prompt": PROMPT + " drained", "max_tokens": TOKEN_LIMIT,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    expected, expected_text, _ = stream_tokens(router, "/v1/completions", body)
+    quiet(router)
+    drained: dict = {}
+
+    def drain() -> None:
+        (stream,) = router.ok("GET", "/admin/streams")
+        drained.update(stream=stream["id"], replica=stream["replica"],
+                       node=stream["replica"].split("/")[0])
+        drained["answer"] = router.ok("POST", f"/admin/nodes/{drained['node']}/drain")
+
+    # The drain returns once the stream has moved and the replica stopped, so it runs beside
+    # the client, which keeps reading.
+    mover = threading.Thread(target=drain)
+    got, text, _ = stream_tokens(router, "/v1/completions", body, on_first=mover.start)
+    mover.join()
+    assert (got, text) == (expected, expected_text)
+    node = drained["node"]
+    assert drained["answer"] == {"node": node, "stopped": [drained["replica"]]}
+    move = router.ok("GET", "/admin/migrations")[-1]
+    assert (move["stream"], move["from"]) == (drained["stream"], drained["replica"])
+    assert not move["to"].startswith(node + "/")
+    assert all(r["state"] != "ready" for r in nodes[node].ok("GET", "/replicas"))
+    (view,) = [n for n in router.ok("GET", "/admin/nodes") if n["name"] == node]
+    assert view["draining"] and view["free_devices"] == 0
+    # New requests go elsewhere while the node is drained; lifting the drain frees it again.
+    assert not completion(router).headers["x-sllm-replica"].startswith(node + "/")
+    assert router.ok("DELETE", f"/admin/nodes/{node}/drain") == {"node": node,
+                                                                   "draining": False}
+    wait_for(lambda: [n for n in router.ok("GET", "/admin/nodes") if n["name"] == node
+                      and not n["draining"] and n["free_devices"] == 1],
+             timeout=30, what="the drained node free again in the router's view")
 
 
 def test_idle_replicas_are_stopped_after_the_keep_alive(cluster):

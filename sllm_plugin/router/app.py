@@ -333,12 +333,34 @@ def create_app(config: RouterConfig) -> FastAPI:
         await router.cluster.register_models()
         return {"name": body.name, **body.spec.model_dump()}
 
-    @app.post("/admin/nodes/{node}/drain", dependencies=admin_only)
-    async def drain(node: str) -> dict:
+    def known_node(node: str) -> str:
         if node not in router.cluster.nodes:
             raise RouterError(f"no node {node!r}; nodes: {sorted(router.cluster.nodes)}", 404,
                               "not_found_error")
-        return {"node": node, "stopped": await router.autoscaler.drain(node)}
+        return node
+
+    @app.get("/admin/nodes", dependencies=admin_only)
+    def nodes() -> list[dict]:
+        """Each node as the router sees it: reachable, draining, free devices, replicas."""
+        views = {v.name: v for v in router.cluster.views()}
+        return [{"name": name, "url": ref.url,
+                 "reachable": router.cluster.status.get(name) is not None,
+                 "draining": name in router.cluster.draining,
+                 "free_devices": views[name].free_devices,
+                 "replicas": [r.key for r in router.cluster.replicas.values()
+                              if r.node == name]}
+                for name, ref in router.cluster.nodes.items()]
+
+    @app.post("/admin/nodes/{node}/drain", dependencies=admin_only)
+    async def drain(node: str) -> dict:
+        """Move every stream off the node's replicas, stop them, and place nothing there
+        until the drain is lifted (DELETE)."""
+        return {"node": node, "stopped": await router.autoscaler.drain(known_node(node))}
+
+    @app.delete("/admin/nodes/{node}/drain", dependencies=admin_only)
+    def undrain(node: str) -> dict:
+        router.cluster.draining.discard(known_node(node))
+        return {"node": node, "draining": False}
 
     @app.post("/admin/migrate", dependencies=admin_only)
     async def migrate(body: Migrate) -> dict:
