@@ -68,12 +68,17 @@ SOURCE = [chunk(10, "a", prompt=True), chunk(11, "b"), chunk(12, "")]
 DESTINATION = [chunk(12, "", prompt=True), chunk(13, "é"), chunk(14, "c", finish="length")]
 
 
-async def fail_over(body: dict, destination: list[bytes]) -> tuple[list, ScriptedReplica]:
-    source, dest = ScriptedReplica(SOURCE, breaks=True), ScriptedReplica(destination, False)
+async def fail_over(body: dict, destination: list[bytes] | None,
+                    source_chunks: list[bytes] = SOURCE) -> tuple[list, ScriptedReplica]:
+    """Run one stream on a source that breaks off after `source_chunks`; `destination` (None:
+    there is none to fail over to) is what the next replica sends."""
+    source = ScriptedReplica(source_chunks, breaks=True)
+    dest = ScriptedReplica(destination or [], breaks=False)
     (a_runner, a_url), (b_runner, b_url) = await source.start(), await dest.start()
     a, b = Replica("a", 1, "m", a_url), Replica("b", 1, "m", b_url)
 
     async def pick(model: str, exclude=()) -> Replica:
+        assert destination is not None, "no failover was expected"
         assert "a/1" in exclude
         return b
 
@@ -122,3 +127,12 @@ def test_a_sampled_stream_continues_after_every_token_it_has():
     (body,) = dest.bodies
     assert body["prompt"] == PROMPT + [10, 11, 12] and body["max_tokens"] == 2
     assert delivered(items) == ([10, 11, 12, 13, 14], "abéc")
+
+
+def test_a_connection_lost_after_the_finishing_chunk_is_no_failover():
+    finished = [chunk(10, "a", prompt=True), chunk(11, "b", finish="stop")]
+    items, dest = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True}, None,
+                                        finished))
+    assert not any(isinstance(i, Exception) for i in items)
+    assert delivered(items) == ([10, 11], "ab") and dest.bodies == []
+    assert items[-1][-1]["choices"][0]["finish_reason"] == "stop"

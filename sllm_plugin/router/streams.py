@@ -17,6 +17,7 @@ continuation without the warm-up, after the source's stream broke.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -42,6 +43,11 @@ UNTRACKABLE_KEYS = ("tools", "functions", "response_format", "logprobs", "top_lo
                     "echo", "best_of", "suffix", "guided_json", "guided_regex",
                     "guided_choice", "structured_outputs", "presence_penalty",
                     "frequency_penalty", "logit_bias", "prompt_logprobs", "n")
+
+
+# How long the router waits for "[DONE]" after a finishing chunk before it gives up on reusing
+# the connection (vLLM sends it at once).
+DRAIN_TIMEOUT_S = 2.0
 
 
 class UpstreamBroken(Exception):
@@ -256,9 +262,7 @@ class StreamRunner:
                             pause_from = None
                         await self._flush(stream)
                     if outcome == "done":
-                        # Read to the end ("[DONE]") so the connection goes back to the pool
-                        # instead of being closed and opened again for the next request.
-                        await resp.read()
+                        await self._drain(resp)
                         return "done"
                     if outcome == "eof":
                         break
@@ -268,6 +272,14 @@ class StreamRunner:
         except UpstreamErrors as e:
             raise UpstreamBroken(f"{type(e).__name__}: {e}") from None
         raise UpstreamBroken("the stream ended without a finish reason")
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
+        """Read the rest of a finished stream ("[DONE]") so its connection goes back to the
+        pool instead of being closed and opened again for the next request. The answer is
+        complete already: a slow or broken end only costs the connection."""
+        with contextlib.suppress(*UpstreamErrors):
+            await asyncio.wait_for(resp.read(), DRAIN_TIMEOUT_S)
 
     def _take(self, stream: Stream, replica: Replica, lines: list[str],
               continuation: bool) -> str | None:
