@@ -1,8 +1,9 @@
-"""One wording for request-validation errors in the daemons' HTTP APIs (node and router)."""
+"""One wording and one set of handlers for request errors in the daemons' HTTP APIs (node
+and router)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -16,3 +17,20 @@ def describe_request_errors(errors: Sequence[Any]) -> str:
             where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
             problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def install_request_error_handlers(app: Any, error: Callable[[int, str, str], Any],
+                                   invalid_kind: str, http_kind: str) -> None:
+    """Answer FastAPI's request-validation errors (400) and Starlette's HTTP errors (404, 405,
+    ...) with `error(status, message, kind)`, the API's own error shape."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def invalid(_: Any, e: RequestValidationError) -> Any:
+        return error(400, describe_request_errors(e.errors()), invalid_kind)
+
+    async def http(_: Any, e: HTTPException) -> Any:
+        return error(e.status_code, str(e.detail), http_kind)
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http)

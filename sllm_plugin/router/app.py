@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
-from ..httperrors import describe_request_errors
+from ..httperrors import install_request_error_handlers
 from .autoscaler import Autoscaler, RouterError
 from .cluster import Cluster
 from .config import ModelSpec, RouterConfig
@@ -145,16 +145,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         logger.exception("unexpected error")
         return error(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
 
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error(400, describe_request_errors(e.errors()), "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error(e.status_code, str(e.detail), "invalid_request_error")
+    install_request_error_handlers(app, error, "invalid_request_error", "invalid_request_error")
 
     @app.get("/health")
     def health() -> dict[str, str]:

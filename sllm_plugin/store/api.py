@@ -13,13 +13,11 @@ import secrets
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..httperrors import describe_request_errors
+from ..httperrors import install_request_error_handlers
 from .names import InvalidModelName
 from .node import Node, NodeError
 
@@ -103,13 +101,7 @@ def create_app(node: Node) -> FastAPI:
     async def _bad_name(_: Request, e: InvalidModelName) -> JSONResponse:
         return _error(400, str(e), "invalid_model_name")
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(400, describe_request_errors(e.errors()), "invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), "http_error")
+    install_request_error_handlers(app, _error, "invalid_request", "http_error")
 
     @app.get("/health")
     def health() -> dict[str, str]:
