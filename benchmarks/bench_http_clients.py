@@ -23,7 +23,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from vllm_server import free_port  # noqa: E402
+from vllm_server import free_port, wait_healthy  # noqa: E402
 
 
 async def with_httpx(url: str, body: dict, streams: int, concurrency: int) -> None:
@@ -65,15 +65,7 @@ def main() -> int:
     upstream = subprocess.Popen([sys.executable, str(HERE / "fast_upstream.py"), "--port",
                                  str(port)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)  # polling interval while the upstream starts
+        wait_healthy(f"http://127.0.0.1:{port}", upstream, 60, "fast_upstream", lambda: "")
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "fast", "prompt": "hello", "max_tokens": args.tokens, "stream": True,
                 "return_token_ids": True}

@@ -47,7 +47,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from vllm_server import free_port, vllm_env  # noqa: E402
+from vllm_server import free_port, vllm_env, wait_healthy  # noqa: E402
 
 TOKEN = "bench"
 
@@ -65,16 +65,7 @@ class Service:
             argv or [sys.executable, "-m", "sllm_plugin.cli", kind, "--config", str(path)],
             stdout=open(workdir / f"{name}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=vllm_env())
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {workdir / (name + '.log')}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)  # polling interval
+        wait_healthy(self.url, self.proc, 120, name, lambda: f"see {workdir / name}.log")
 
     def close(self) -> None:
         self.proc.terminate()

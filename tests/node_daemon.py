@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import yaml
-from vllm_server import free_port, vllm_env
+from vllm_server import free_port, vllm_env, wait_healthy
 
 TOKEN = "test-token"
 
@@ -35,18 +34,8 @@ class ServiceProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "sllm_plugin.cli", *self.argv],
                                      stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if self.client.get("/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)  # polling interval for a condition checked each round
-        raise TimeoutError(f"{self.argv[0]} not ready after {timeout} s:\n{self.log_tail()}")
+        wait_healthy(self.url, self.proc, timeout, self.argv[0], self.log_tail)
+        return self
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

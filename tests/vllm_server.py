@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,23 @@ def vllm_env(cache_dir: Path | None = None) -> dict[str, str]:
         env["SLLM_CACHE_DIR"] = str(cache_dir)
     return env
 
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, name: str,
+                 describe: Callable[[], str], interval: float = 0.2) -> None:
+    """Poll `url`/health until it answers 200. RuntimeError at once if `proc` exits,
+    TimeoutError after `timeout`; both end with `describe()` (a log tail, a log path)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{describe()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)  # polling interval for a condition checked each round
+    raise TimeoutError(f"{name} not ready after {timeout} s:\n{describe()}")
 
 class VllmServer:
     """One `python -m vllm.entrypoints.openai.api_server` process (the command that works with
@@ -51,17 +69,7 @@ class VllmServer:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Poll /health until it answers; fail at once if the process exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)  # polling interval for a condition checked each round
-        raise TimeoutError(f"vLLM not ready after {timeout} s:\n{self.log_tail()}")
+        wait_healthy(self.url, self.proc, timeout, "vLLM", self.log_tail, interval=0.5)
 
     def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
         try:
