@@ -51,13 +51,18 @@ def cluster(tmp_path_factory):
     # small-llama: the tiny preset decodes hundreds of tokens before a client reads its first.
     source = make_random_model(root / "llama", "small-llama", seed=7)
     shm = [Path(f"/dev/shm/sllm-test-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    # Each node's replica on its own core where there are two, as replicas own their devices
+    # in a fleet: two OpenMP teams on the same cores stall each other for seconds whenever
+    # both compute, and a warm-up beside a decoding replica then outlasts the stream it moves.
+    cores = ([f"cpu:{i}" for i in range(2)] if (os.cpu_count() or 1) >= 2
+             else [detect_devices()[0].name] * 2)
     nodes = {}
-    for name, dram in zip("ab", shm, strict=True):
+    for name, dram, core in zip("ab", shm, cores, strict=True):
         (root / name).mkdir()
         nodes[name] = NodeDaemon(root / name, {
             "dram": {"path": str(dram), "capacity": 10**9},
             "ssd": {"path": str(root / name / "ssd"), "capacity": 10**9},
-            "devices": [detect_devices()[0].name], "calibration_bytes": 32 * 1024 * 1024,
+            "devices": [core], "calibration_bytes": 32 * 1024 * 1024,
             "replica_args": REPLICA_ARGS,
             "replica_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         }, name=f"node-{name}").start()

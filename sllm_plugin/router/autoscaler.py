@@ -146,12 +146,20 @@ class Autoscaler:
         victim.state = "draining"
         runner = self.runner
         assert runner is not None
+        streams = [s for s in runner.active.values() if s.replica is victim]
         moves = []
-        for stream in [s for s in runner.active.values() if s.replica is victim]:
+        for stream in streams:
             dest = await self.pick(stream.model, exclude={victim.key})
             moves.append(runner.migrate(stream, dest))
-        if moves:
-            await asyncio.gather(*moves, return_exceptions=True)
+        for stream, outcome in zip(streams, await asyncio.gather(*moves, return_exceptions=True),
+                                   strict=True):
+            # A stream that could not move runs to its end here; the wait below covers it.
+            if isinstance(outcome, BaseException):
+                logger.warning("freeing %s (%s): stream %s stays: %r", victim.key, reason,
+                               stream.id, outcome)
+            else:
+                logger.info("freeing %s (%s): stream %s: %s", victim.key, reason, stream.id,
+                            outcome["state"])
         deadline = time.monotonic() + self.config.limits.upstream_timeout_s
         while victim.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # the switches happen at each stream's next chunk

@@ -130,7 +130,8 @@ class Stream:
         return {"id": self.id, "model": self.model, "kind": self.kind,
                 "replica": self.replica.key if self.replica else None,
                 "prompt_tokens": len(self.prompt_ids or []), "generated": len(self.generated),
-                "max_tokens": self.max_tokens, "migrations": self.migrations}
+                "max_tokens": self.max_tokens, "migrations": self.migrations,
+                "moving_to": self.switch_to.key if self.switch_to else None}
 
 
 class StreamRunner:
