@@ -8,6 +8,7 @@ from the DRAM tier answering a completion.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import uuid
@@ -19,7 +20,8 @@ from conftest import assert_bit_equal, mount_or_skip, unmount
 from node_daemon import TOKEN, GatedCheckpointServer, NodeDaemon
 
 from sllm_plugin import convert, load_state_dict
-from sllm_plugin.store.replicas import detect_devices
+from sllm_plugin.store.config import ConfigError, load_config
+from sllm_plugin.store.replicas import cpu_cores, detect_devices, parse_device
 from sllm_plugin.store.tiers import directory_bytes
 
 REPLICA_ARGS = ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
@@ -293,10 +295,39 @@ def test_bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving(
         assert [r["state"] for r in status["replicas"]] == ["failed"]
 
 
+def test_cpu_devices_name_their_cores_and_cores_this_machine_lacks_are_refused(tmp_path):
+    assert cpu_cores([parse_device("cpu:0-2,5"), parse_device("cuda:1"),
+                      parse_device("cpu:7")]) == {0, 1, 2, 5, 7}
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ConfigError, match=rf"device 'cpu:{missing}': cores \[{missing}\] are "
+                                          "not available"):
+        load_config(None, devices=[f"cpu:{missing}"], **{"ssd.path": str(tmp_path)})
+
+
+def threads_cores(session: int) -> dict[str, set[int]]:
+    """The cores each thread of each process in a session may run on ("pid/tid" -> cores)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session:  # the session id, after state, ppid and pgrp
+                continue
+            for task in (stat.parent / "task").iterdir():
+                allowed = next(line for line in (task / "status").read_text().splitlines()
+                               if line.startswith("Cpus_allowed_list:")).split()[1]
+                out[f"{stat.parent.name}/{task.name}"] = cpu_cores(
+                    [parse_device(f"cpu:{allowed}")])
+        except (OSError, StopIteration):
+            continue  # ended meanwhile
+    return out
+
+
 def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         tmp_path, dram_dir, sources, checkpoint_bytes):
+    # The replica gets one core (the last), so that confining it to its device is visible.
+    core = max(os.sched_getaffinity(0))
     config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
-                         10 * checkpoint_bytes,
+                         10 * checkpoint_bytes, devices=[f"cpu:{core}"],
                          replica_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
     with NodeDaemon(tmp_path, config) as node:
         # A flag vLLM does not know: the replica fails at once, and says why.
@@ -320,6 +351,11 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
             "model": "org/m1", "prompt": "hello world", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}).json()
         assert len(answer["choices"][0]["token_ids"]) == 8
+        # Every thread of the replica's processes (API server, engine core, worker) stays on
+        # the replica's core, not only the worker's compute threads.
+        threads = threads_cores(replica["pid"])
+        assert len({t.split("/")[0] for t in threads}) >= 2, threads  # server and engine
+        assert {t: c for t, c in threads.items() if c != {core}} == {}
         log = Path(replica["log"]).read_text()
         assert "tier dram" in log and "page-cache mapped" in log, log[-3000:]
         dram = node.tier("dram")

@@ -72,10 +72,14 @@ class NodeConfig(_Strict):
     @field_validator("devices")
     @classmethod
     def _devices(cls, devices: list[str] | None) -> list[str] | None:
-        from .replicas import parse_device
+        from .replicas import cpu_cores, parse_device
 
+        usable = os.sched_getaffinity(0)
         for d in devices or []:
-            parse_device(d)
+            missing = cpu_cores([parse_device(d)]) - usable
+            if missing:
+                raise ValueError(f"device {d!r}: cores {sorted(missing)} are not available to "
+                                 f"this process (it may use {sorted(usable)})")
         return devices
 
 
