@@ -346,7 +346,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def drain(node: str) -> dict:
         """Move every stream off the node's replicas, stop them, and place nothing there
         until the drain is lifted (DELETE)."""
-        return {"node": node, "stopped": await router.autoscaler.drain(known_node(node))}
+        return await router.autoscaler.drain(known_node(node))
 
     @app.delete("/admin/nodes/{node}/drain", dependencies=admin_only)
     def undrain(node: str) -> dict:

@@ -141,13 +141,14 @@ class Autoscaler:
 
     # -- freeing replicas and nodes ---------------------------------------------------------
 
-    async def free(self, victim: Replica, reason: str = "placement") -> None:
-        """Move every stream off `victim` (to other replicas of its model), then stop it."""
+    async def free(self, victim: Replica, reason: str = "placement") -> list[dict]:
+        """Move every stream off `victim` (to other replicas of its model), then stop it.
+        Returns each stream's outcome: the move, or why it stayed."""
         victim.state = "draining"
         runner = self.runner
         assert runner is not None
         streams = [s for s in runner.active.values() if s.replica is victim]
-        moves = []
+        moves, outcomes = [], []
         for stream in streams:
             dest = await self.pick(stream.model, exclude={victim.key})
             moves.append(runner.migrate(stream, dest))
@@ -157,20 +158,25 @@ class Autoscaler:
             if isinstance(outcome, BaseException):
                 logger.warning("freeing %s (%s): stream %s stays: %r", victim.key, reason,
                                stream.id, outcome)
+                outcome = {"stream": stream.id, "state": f"stays: {outcome!r}"}
             else:
                 logger.info("freeing %s (%s): stream %s: %s", victim.key, reason, stream.id,
                             outcome["state"])
+            outcomes.append(outcome)
         deadline = time.monotonic() + self.config.limits.upstream_timeout_s
         while victim.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # the switches happen at each stream's next chunk
         await self.cluster.stop_replica(victim)
+        return outcomes
 
-    async def drain(self, node: str) -> list[str]:
+    async def drain(self, node: str) -> dict:
+        """Take `node` out of placement, move its streams off and stop its replicas."""
         self.cluster.draining.add(node)
         victims = [r for r in self.cluster.replicas.values() if r.node == node
                    and r.state in ("ready", "draining")]
-        await asyncio.gather(*(self.free(v, "drain") for v in victims))
-        return [v.key for v in victims]
+        outcomes = await asyncio.gather(*(self.free(v, "drain") for v in victims))
+        return {"node": node, "stopped": [v.key for v in victims],
+                "streams": [o for per_victim in outcomes for o in per_victim]}
 
     async def keep_alive_forever(self) -> None:
         while True:

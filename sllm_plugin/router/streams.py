@@ -417,12 +417,14 @@ class StreamRunner:
                                           "model": stream.model, "prompt": tokens,
                                           "max_tokens": 1, "temperature": 0}) as r:
                 r.raise_for_status()
+                t_head = time.monotonic() - t0
                 await r.read()
             # The first round prefills everything; later rounds only the new tokens.
             self.migration.observe(len(tokens) - warmed, time.monotonic() - t0)
             logger.debug("migrating %s to %s: warm round %d, %d tokens in %.3f s; %d generated "
-                         "meanwhile", stream.id, dest.key, rounds + 1, len(tokens) - warmed,
-                         time.monotonic() - t0, len(stream.generated) - before)
+                         "meanwhile (headers after %.3f s)", stream.id, dest.key, rounds + 1,
+                         len(tokens) - warmed, time.monotonic() - t0,
+                         len(stream.generated) - before, t_head)
             warmed = len(tokens)
             rounds += 1
             if len(stream.generated) - before < self.gap_tokens or rounds >= self.rounds:
