@@ -206,9 +206,9 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
 
 
 def migration_pause(workdir: Path, model_dir: Path, repeats: int) -> list[dict]:
-    # One core each where there are two: two replicas whose OpenMP teams share the same cores
-    # stall each other for hundreds of ms whenever both compute (a warm-up beside a decode),
-    # which is this VM's artifact, not the move's; on a real fleet replicas own their devices.
+    # One core each where there are two, as replicas own their devices in a fleet: replicas
+    # sharing cores stall each other for hundreds of ms whenever both compute (a warm-up
+    # beside a decode). The node confines each replica's whole process tree to its core.
     cores = [f"cpu:{i}" for i in range(2)] if (os.cpu_count() or 1) >= 2 else [None, None]
     nodes = [Service(workdir, f"mb-{n}", "node", node_config(
         workdir, f"mb-{n}", None, ("--dtype", "float32"), core))
@@ -236,8 +236,8 @@ def migration_pause(workdir: Path, model_dir: Path, repeats: int) -> list[dict]:
         # Made before the stream: a client made in the mover thread loads its TLS context
         # while holding the GIL, which stalled the reading thread for a few hundred ms.
         control = httpx.Client(base_url=router.url, headers=admin, timeout=60)
-        # A stream can finish before its move starts (a slow warm-up on this shared VM):
-        # such attempts are reported and made again, up to three times the repeats.
+        # A stream can finish before its move starts (a stalled warm-up): such attempts are
+        # reported and made again, up to three times the repeats.
         for _ in range(3 * repeats):
             if len(results) == repeats:
                 break
