@@ -92,8 +92,9 @@ def children_confined_to(cores: set[int]):
     VLLM_CPU_OMP_THREADS_BIND binds only a CPU replica's compute threads; its API server and
     engine-core processes would float over every core. Each replica runs in its own session
     (hence its own scheduler autogroup), and there those floating processes starved another
-    replica's compute thread on its own core: a 34-token prefill on an idle replica took 3.5 to
-    7 s beside a decoding one, against 0.05 s with both trees confined (2-vCPU VM). A child
+    replica's compute thread on its own core: a 34-token prefill on an idle replica took over
+    5.8 s in 3 of 8 trials beside a decoding one, never over 0.1 s with both trees confined
+    (benchmarks/bench_replica_cores.py, 2-vCPU VM). A child
     inherits the CPU mask of the thread that forks it, so the calling thread takes `cores`
     for the spawn and its own mask back after; the daemon's other threads are untouched.
     """
