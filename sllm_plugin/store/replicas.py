@@ -94,9 +94,9 @@ def children_confined_to(cores: set[int]):
     (hence its own scheduler autogroup), and there those floating processes starved another
     replica's compute thread on its own core: a 34-token prefill on an idle replica took over
     5.8 s in 3 of 8 trials beside a decoding one, never over 0.1 s with both trees confined
-    (benchmarks/bench_replica_cores.py, 2-vCPU VM). A child
-    inherits the CPU mask of the thread that forks it, so the calling thread takes `cores`
-    for the spawn and its own mask back after; the daemon's other threads are untouched.
+    (benchmarks/bench_replica_cores.py, 2-vCPU VM). A child inherits the CPU mask of the
+    thread that forks it, so the calling thread takes `cores` for the spawn and its own mask
+    back after; the daemon's other threads are untouched.
     """
     if not cores:
         yield
