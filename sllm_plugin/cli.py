@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
 file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
---overwrite), 4 an I/O failure such as a full disk.
+--overwrite), 4 an I/O failure such as a full disk, 5 a package the command needs is not
+installed (the message names the extra that brings it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_FORMAT, EXIT_EXISTS, EXIT_IO = 1, 3, 4
+EXIT_FORMAT, EXIT_EXISTS, EXIT_IO, EXIT_MISSING = 1, 3, 4, 5
+# The extra that brings what each command imports beyond the core dependencies.
+_EXTRA_FOR = {"node": "node", "router": "router", "save-vllm": "vllm"}
 
 
 def _size(text: str) -> int:
@@ -31,6 +34,21 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (a repeat count, a thread count)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -195,12 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what a checkpoint holds")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole index as JSON")
-    p.add_argument("--limit", type=int, default=20, help="tensors to list (default 20)")
+    p.add_argument("--limit", type=_count(0), default=20, help="tensors to list (default 20)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("verify", help="check every chunk's checksum; exit 1 if any is corrupt")
     p.add_argument("path")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_count(1))
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
@@ -209,17 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="an sllm checkpoint, a safetensors model directory or a hub id")
     p.add_argument("dst", help="the engine checkpoint directory to create")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=_count(1), default=1)
     p.add_argument("--dtype", default="auto", help="as vLLM's --dtype (default auto)")
     p.add_argument("--quantization", help="as vLLM's --quantization")
-    p.add_argument("--max-model-len", type=int, help="as vLLM's --max-model-len")
+    p.add_argument("--max-model-len", type=_count(1), help="as vLLM's --max-model-len")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(func=_cmd_save_vllm)
 
     p = sub.add_parser("bench", help="load throughput warm and cold beside the raw limits")
     p.add_argument("path")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=_count(1))
+    p.add_argument("--repeats", type=_count(1), default=3, help="loads per measurement "
+                   "(default 3; the median is reported)")
     p.add_argument("--warm-only", action="store_true", help="skip the cold measurements")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
@@ -271,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointWriteError, OSError) as e:
         print(f"sllm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_IO
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_FOR.get(args.command, "torch")
+        print(f"sllm {args.command}: error: this command needs the Python package {e.name!r}, "
+              f"which is not installed here; pip install 'sllm-plugin[{extra}]' brings it",
+              file=sys.stderr)
+        return EXIT_MISSING
 
 
 if __name__ == "__main__":

