@@ -12,6 +12,8 @@ bit against the safetensors original.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -24,10 +26,31 @@ import sllm_plugin
 from sllm_plugin.loader import LoadStats
 from sllm_plugin.testing import PRESETS, make_random_model
 
+# What the commands below need in their environment on a CPU server: vLLM's CPU backend
+# otherwise reserves 0.92 of the NUMA node's memory at start and fails where it cannot (a
+# 24 GiB VM whose node 0 reports 16 GiB), and the hub is unreachable here.
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def venv_bin(name: str) -> str:
+    """`name` in this interpreter's bin directory, as a path a shell in the current directory
+    can run (`.venv/bin/sllm`): the printed commands work when copied into a fresh shell."""
+    path = Path(sys.executable).parent / name
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def shown(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """The command line as a user would type it, environment first."""
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join([*prefix, shlex.join(argv)])
+
 
 def sllm(*args: str) -> None:
-    """Run the `sllm` CLI as a user would."""
-    print(f"$ sllm {' '.join(args)}", flush=True)
+    """Run the `sllm` CLI as a user would, printing the command that does it."""
+    print(f"$ {shown([venv_bin('sllm'), *args])}", flush=True)
     subprocess.run([sys.executable, "-m", "sllm_plugin.cli", *args], check=True)
 
 
@@ -79,7 +102,6 @@ def main() -> int:
 
 def serve_and_query(ckpt: Path) -> int:
     """Step 6: vLLM OpenAI server on the checkpoint, one completion and one chat request."""
-    import os
     import socket
 
     import httpx
@@ -89,11 +111,13 @@ def serve_and_query(ckpt: Path) -> int:
         port = s.getsockname()[1]
     # `vllm serve CKPT --load-format sllm` with a GPU build of vLLM; the vllm-cpu package's
     # console script is broken, and this module entry point works with both.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-           "--load-format", "sllm", "--port", str(port), "--host", "127.0.0.1",
-           "--enforce-eager", "--max-model-len", "512", "--served-model-name", "demo"]
-    print(f"== 6. serving it with vLLM:\n$ python {' '.join(cmd[1:])}", flush=True)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **os.environ}
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+            "--load-format", "sllm", "--port", str(port), "--host", "127.0.0.1",
+            "--enforce-eager", "--max-model-len", "512", "--served-model-name", "demo"]
+    cmd = [sys.executable, *args]
+    print(f"== 6. serving it with vLLM:\n$ {shown([venv_bin('python'), *args], CPU_ENV)}",
+          flush=True)
+    env = {**CPU_ENV, **os.environ}
     log_path = ckpt.parent / "vllm-demo.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -140,7 +164,7 @@ def serve_and_query(ckpt: Path) -> int:
 def start_daemon(argv: list[str], port: int, log_path: Path) -> subprocess.Popen:
     import httpx
 
-    print(f"$ sllm {' '.join(argv)}", flush=True)
+    print(f"$ {shown([venv_bin('sllm'), *argv])}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "sllm_plugin.cli", *argv],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     while True:
@@ -157,7 +181,6 @@ def start_daemon(argv: list[str], port: int, log_path: Path) -> subprocess.Popen
 def node_and_router(hf_dir: Path, workdir: Path) -> int:
     """Step 7: `sllm node` and `sllm router` on this machine; a chat request through the router
     starts a replica from zero (fetch, convert, promote to DRAM, load, serve)."""
-    import os
     import shutil
     import socket
 
@@ -178,7 +201,7 @@ def node_and_router(hf_dir: Path, workdir: Path) -> int:
         "ssd": {"path": str(workdir / "node-ssd"), "capacity": "8GiB"},
         # CPU replicas here; on a GPU server leave these out.
         "replica_args": ["--enforce-eager", "--max-model-len", "512"],
-        "replica_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        "replica_env": CPU_ENV,
     }))
     print("== 7. a node daemon and the router; a chat request starts a replica from zero")
     node = start_daemon(["node", "--config", str(config)], node_port, workdir / "node.log")
