@@ -238,3 +238,19 @@ def test_sllm_node_starts_over_a_hostile_tier_notes_every_bad_entry_and_serves_t
     assert files_of(tmp_path / "outside") == outside  # the link went, not what it pointed to
     assert (tmp_path / "secret.txt").read_text() == SECRET
     assert beside.is_dir()
+
+
+def test_a_huge_page_tmpfs_the_node_mounts_is_private(tmp_path):
+    from conftest import mount_or_skip, unmount
+
+    from sllm_plugin.store.hugetmpfs import ensure_huge_tmpfs
+
+    unmount(mount_or_skip("tmpfs", tmp_path / "probe"))  # skips where mounting is not allowed
+    dram = tmp_path / "dram"
+    try:
+        assert ensure_huge_tmpfs(dram, 64 * MiB)
+        st = os.lstat(dram)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        Tier("dram", dram, 64 * MiB, Bandwidth())  # adopted: it is ours and private
+    finally:
+        unmount(dram)
