@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .private import create_private_file
 
 _BLOCK = 16 * 1024 * 1024
 
@@ -65,13 +68,12 @@ def calibrate_read(directory: Path, nbytes: int, direct: bool = True) -> float:
     where `direct` and the file system allows it (a disk tier; shared memory is read through
     the page cache, where its pages are). It is removed afterwards, also on failure.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     nbytes = max(_BLOCK, nbytes // _BLOCK * _BLOCK)
-    path = directory / f".sllm-calibrate-{os.getpid()}-{threading.get_ident()}"
+    path = directory / f".sllm-calibrate-{os.getpid()}-{secrets.token_hex(4)}"
     buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(4096) * (_BLOCK // 4096))
     try:
-        with open(path, "wb", buffering=0) as f:
+        with os.fdopen(create_private_file(path), "wb", buffering=0) as f:
             for _ in range(nbytes // _BLOCK):
                 f.write(buf)
             f.flush()
