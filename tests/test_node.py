@@ -220,7 +220,7 @@ def test_a_download_killed_half_way_leaves_nothing_and_two_prefetches_are_one_do
 
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing(
         tmp_path, dram_dir, sources, checkpoint_bytes):
-    ssd = mount_or_skip("tmpfs", tmp_path / "small-ssd", f"size={checkpoint_bytes // 2}")
+    ssd = mount_or_skip("tmpfs", tmp_path / "small-ssd", f"size={checkpoint_bytes // 2},mode=0700")
     try:
         config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
                              10 * checkpoint_bytes)
