@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("node", help="run the node daemon: checkpoint tiers and vLLM replicas")
+    # No abbreviations: "--tok SECRET" must not become "--token-file SECRET" (then echoed).
+    p = sub.add_parser("node", help="run the node daemon: checkpoint tiers and vLLM replicas",
+                       allow_abbrev=False)
     p.add_argument("--config", help="YAML configuration file (flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
