@@ -1,4 +1,4 @@
-"""The `sllm` command line: convert, inspect, verify, bench, save-vllm, node, router.
+"""The `sllm` command line: convert, inspect, verify, bench, save-vllm, node, node-token, router.
 
 Exit status: 0 success, 1 a checkpoint or source is invalid or corrupt (the message names the
 file and tensor), 2 bad usage (argparse), 3 the destination exists (convert without
@@ -145,9 +145,16 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from .store.config import ConfigError, load_config
     from .store.node import Node
 
+    if args.token is not None:  # the value is never echoed
+        print("sllm node: error: --token would put the token on the command line, where every "
+              "user of this machine can read it (ps); use --token-file FILE (0600) or "
+              "$SLLM_NODE_TOKEN, or let the node make one in its state directory",
+              file=sys.stderr)
+        return 2
     try:
         config = load_config(
-            args.config, host=args.host, port=args.port, token=args.token,
+            args.config, host=args.host, port=args.port, token_file=args.token_file,
+            state_dir=args.state_dir, allowed_hosts=args.allowed_host,
             devices=args.devices, **{"dram.path": args.dram_dir,
                                      "dram.capacity": args.dram_capacity,
                                      "ssd.path": args.ssd_dir, "ssd.capacity": args.ssd_capacity})
@@ -157,14 +164,33 @@ def _cmd_node(args: argparse.Namespace) -> int:
     logging.getLogger("sllm_plugin").setLevel(logging.INFO)
     from .store.hugetmpfs import HugeTmpfsError
     from .store.node import NodeError
+    from .store.statedir import StateDirError
+    from .tokens import TokenError
 
     try:
         node = Node(config)
-    except (HugeTmpfsError, NodeError) as e:
+    except (HugeTmpfsError, NodeError, StateDirError, TokenError) as e:
         print(f"sllm node: error: {e}", file=sys.stderr)
         return 2
     node.start(calibrate=not args.no_calibrate)
     serve(node, config.host, config.port)  # its shutdown stops the replicas (see store.api)
+    return 0
+
+
+def _cmd_node_token(args: argparse.Namespace) -> int:
+    from .tokens import TokenError, local_node_token, node_token_path
+
+    try:
+        token = local_node_token(args.state_dir)
+    except TokenError as e:
+        print(f"sllm node-token: error: {e}", file=sys.stderr)
+        return 1
+    if token is None:
+        print(f"sllm node-token: error: no token at {node_token_path(args.state_dir)}: a node "
+              "makes one there when it starts with neither token_file nor $SLLM_NODE_TOKEN",
+              file=sys.stderr)
+        return 1
+    print(token)
     return 0
 
 
@@ -243,11 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("node", help="run the node daemon: checkpoint tiers and vLLM replicas")
+    # No abbreviations: "--tok SECRET" must not become "--token-file SECRET" (then echoed).
+    p = sub.add_parser("node", help="run the node daemon: checkpoint tiers and vLLM replicas",
+                       allow_abbrev=False)
     p.add_argument("--config", help="YAML configuration file (flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--token", help="bearer token for mutating calls (or SLLM_NODE_TOKEN)")
+    p.add_argument("--token-file",
+                   help="file (0600) holding the bearer token for mutating calls; default "
+                        "$SLLM_NODE_TOKEN, else STATE_DIR/token, made at first start")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # refused: see _cmd_node
+    p.add_argument("--state-dir", help="the daemon's private state directory (default "
+                                       "~/.local/state/sllm_plugin/node)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a further name clients may use in the Host header (repeatable; "
+                        "'*.example.com' for subdomains)")
     p.add_argument("--dram-dir", help="DRAM tier directory (default /dev/shm/sllm-node-UID)")
     p.add_argument("--dram-capacity", help="DRAM tier size, e.g. 8GiB (default 1/4 of memory)")
     p.add_argument("--ssd-dir", help="SSD tier directory")
@@ -256,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip the start-up bandwidth measurement")
     p.set_defaults(func=_cmd_node)
+
+    p = sub.add_parser("node-token", help="print the token of this host's node daemon "
+                                          "(e.g. TOKEN=$(sllm node-token))")
+    p.add_argument("--state-dir", help="the node's state directory (default "
+                                       "~/.local/state/sllm_plugin/node)")
+    p.set_defaults(func=_cmd_node_token)
 
     p = sub.add_parser("router", help="run the OpenAI-compatible router in front of nodes")
     p.add_argument("--config", help="YAML configuration file (flags override it)")

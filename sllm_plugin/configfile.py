@@ -6,7 +6,7 @@ Small and dependency-light on purpose: the router imports it, and the router imp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -35,11 +35,55 @@ def read_mapping(path: str | Path | None) -> dict[str, Any]:
 
 def validate(model: type[Model], raw: dict[str, Any], path: str | Path | None,
              what: str) -> Model:
-    """`model` from `raw`, or a ConfigError listing every problem and the valid keys."""
+    """`model` from `raw`, or a ConfigError listing every problem; an unknown key is told
+    the valid keys of the mapping it is in (a bad value is not: the list would bury it)."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-                             for err in e.errors())
-        raise ConfigError(f"{path or 'flags'}: invalid {what} configuration: {problems} "
-                          f"(valid keys: {', '.join(model.model_fields)})") from None
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            problem = f"{where}: {err['msg']}"
+            if err["type"] == "extra_forbidden":
+                valid = _fields_at(model, err["loc"][:-1])
+                if valid:
+                    problem += f" (valid keys here: {', '.join(valid)})"
+            problems.append(problem)
+        raise ConfigError(f"{path or 'flags'}: invalid {what} configuration: "
+                          f"{'; '.join(problems)}") from None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model that `loc` leads to from `model` ([] if none)."""
+    current: Any = model
+    skip = False  # the next part of `loc` is a dict key or a list index
+    for part in loc:
+        if skip:
+            skip = False
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        skip = _is_container(field.annotation)
+        current = _inner_model(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_container(annotation: Any) -> bool:
+    if get_origin(annotation) in (dict, list):
+        return True
+    return any(get_origin(a) in (dict, list) for a in get_args(annotation))

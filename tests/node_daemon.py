@@ -16,7 +16,15 @@ import httpx
 import yaml
 from vllm_server import free_port, vllm_env, wait_healthy
 
-TOKEN = "test-token"
+TOKEN = "test-token-of-the-tests"  # tokens are 16 characters at least (sllm_plugin.tokens)
+
+
+def write_token_file(path: Path, token: str = TOKEN) -> Path:
+    """A token file as the daemons want it: 0600, this user's."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
 
 
 class ServiceProcess:
@@ -41,8 +49,9 @@ class ServiceProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def call(self, method: str, path: str, body: dict | None = None,
-             token: str | None = TOKEN, **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+             token: str | None = TOKEN, headers: dict | None = None,
+             **kwargs) -> httpx.Response:
+        headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
         return self.client.request(method, path, json=body, headers=headers, **kwargs)
 
     def ok(self, method: str, path: str, body: dict | None = None) -> dict:
@@ -68,10 +77,12 @@ class ServiceProcess:
 
 
 class NodeDaemon(ServiceProcess):
-    """`sllm node --config CONFIG` with its log in the test's directory."""
+    """`sllm node --config CONFIG` with its log in the test's directory; its token is TOKEN,
+    from a token file (`token_file: None` in `config`: the daemon makes its own)."""
 
     def __init__(self, workdir: Path, config: dict, name: str = "node") -> None:
-        self.config = {"host": "127.0.0.1", "port": free_port(), "token": TOKEN,
+        token_file = write_token_file(workdir / f"{name}.token")
+        self.config = {"host": "127.0.0.1", "port": free_port(), "token_file": str(token_file),
                        "state_dir": str(workdir / f"{name}-state" if name != "node"
                                         else workdir / "state"), **config}
         self.config_path = workdir / f"{name}.yaml"

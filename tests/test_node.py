@@ -18,6 +18,7 @@ import httpx
 import pytest
 from conftest import assert_bit_equal, mount_or_skip, unmount
 from node_daemon import TOKEN, GatedCheckpointServer, NodeDaemon
+from vllm_server import free_port
 
 from sllm_plugin import convert, load_state_dict
 from sllm_plugin.store.config import ConfigError, load_config
@@ -322,23 +323,68 @@ def threads_cores(session: int) -> dict[str, set[int]]:
     return out
 
 
+def session_shared_memory(session: int) -> set[str]:
+    """The /dev/shm/psm_* segments (Python's multiprocessing shared memory, which vLLM's
+    engine and workers use) mapped by the processes of a session: those of one replica, told
+    apart from what other tests' processes create meanwhile."""
+    names = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            maps = (stat.parent / "maps").read_text()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps.splitlines()
+                     if "/dev/shm/psm_" in line)
+    return names
+
+
+def live_processes(session: int) -> list[int]:
+    """The processes of a session that have not ended (zombies have: their parent, here the
+    init of the machine for a replica whose daemon was killed, has yet to collect them)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def assert_replica_gone(session: int, segments: set[str]) -> None:
+    """No process of the replica's session is left, nor any of its shared memory segments."""
+    assert segments, "the replica mapped no shared memory: nothing to check"
+    assert live_processes(session) == []
+    assert sorted(n for n in segments if (Path("/dev/shm") / n).exists()) == []
+
+
 def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         tmp_path, dram_dir, sources, checkpoint_bytes):
     # The replica gets one core (the last), so that confining it to its device is visible.
     core = max(os.sched_getaffinity(0))
+    api_key = "operator-api-key-of-the-test"  # an operator's secret flag, for the logs
     config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
                          10 * checkpoint_bytes, devices=[f"cpu:{core}"],
                          replica_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
-    with NodeDaemon(tmp_path, config) as node:
-        # A flag vLLM does not know: the replica fails at once, and says why.
+    config["models"]["org/m1"]["replica_args"] = ["--api-key", api_key]
+    auth = {"Authorization": f"Bearer {api_key}"}
+    node = NodeDaemon(tmp_path, config).start()
+    try:
+        # A flag the API may not pass: refused at once, naming it; nothing starts.
         r = node.call("POST", "/replicas", {"model": "org/m1", "args": ["--no-such-flag"],
                                             "wait": True})
-        assert r.status_code == 422, r.text
+        assert r.status_code == 400, r.text
         assert "--no-such-flag" in r.json()["error"]["message"]
-        assert node.held("dram") == ["org/m1"]  # fetched and promoted on the way
+        assert node.ok("GET", "/replicas") == []
 
-        replica = node.ok("POST", "/replicas", {"model": "org/m1", "wait": True})
+        # The caller asks for a 128-token context; the operator's 256 wins.
+        replica = node.ok("POST", "/replicas", {"model": "org/m1", "wait": True,
+                                                "args": ["--max-model-len", "128"]})
         assert replica["state"] == "ready" and replica["tier"] == "dram"
+        assert node.held("dram") == ["org/m1"]  # fetched and promoted on the way
         assert replica["path"] == str(dram_dir / "org--m1")
         for phase in ("queue", "fetch", "process_start", "load", "engine_init", "total"):
             assert replica["phases"][phase] >= 0, phase
@@ -346,8 +392,10 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         r = node.call("POST", "/replicas", {"model": "org/m1",
                                             "devices": config["devices"]})
         assert r.status_code == 409 and "in use by replica" in r.json()["error"]["message"]
+        served = httpx.get(f"{replica['url']}/v1/models", headers=auth, timeout=30).json()
+        assert served["data"][0]["id"] == "org/m1" and served["data"][0]["max_model_len"] == 256
 
-        answer = httpx.post(f"{replica['url']}/v1/completions", timeout=120, json={
+        answer = httpx.post(f"{replica['url']}/v1/completions", timeout=120, headers=auth, json={
             "model": "org/m1", "prompt": "hello world", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}).json()
         assert len(answer["choices"][0]["token_ids"]) == 8
@@ -358,12 +406,44 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         assert {t: c for t, c in threads.items() if c != {core}} == {}
         log = Path(replica["log"]).read_text()
         assert "tier dram" in log and "page-cache mapped" in log, log[-3000:]
+        # The operator's secret is in neither the command line the log shows nor vLLM's own
+        # log of its arguments, nor in the daemon's files.
+        assert "--api-key ***" in log.splitlines()[0] and api_key not in log
+        assert api_key not in (tmp_path / "state" / "logs" / "replica-pids.json").read_text()
         dram = node.tier("dram")
         assert dram["observed_loads"] == 1 and dram["read_gbps"] == dram["observed_gbps"]
 
+        # A second daemon on the same state directory is refused, and the replica lives on.
+        second = NodeDaemon(tmp_path, {**config, "port": free_port(),
+                                       "state_dir": str(tmp_path / "state")}, name="second")
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            second.start()
+        assert "is in use by another node daemon" in second.log_tail()
+        assert httpx.get(f"{replica['url']}/health", timeout=30).status_code == 200
+
+        # The daemon is killed; the next one stops the replica it left behind, and the
+        # replica's shared memory goes with it (a SIGKILL to its process group left two
+        # segments in /dev/shm: the resource tracker that removes them was killed too).
+        segments = session_shared_memory(replica["pid"])
+        assert all((Path("/dev/shm") / n).exists() for n in segments), segments
+        node.proc.kill()
+        node.proc.wait()
+        node = NodeDaemon(tmp_path, config).start()
+        assert f"stopped replica process {replica['pid']} left by a previous daemon" in \
+            node.status()["notes"]
+        assert_replica_gone(replica["pid"], segments)
+
+        # Started again (from the dram tier the new daemon found), and stopped through the
+        # API: nothing is left either.
+        replica = node.ok("POST", "/replicas", {"model": "org/m1", "wait": True})
+        assert replica["state"] == "ready" and replica["tier"] == "dram"
+        segments = session_shared_memory(replica["pid"])
         stopped = node.ok("DELETE", f"/replicas/{replica['id']}")
         assert stopped["state"] == "stopped"
         assert node.status()["devices"][0]["replica"] is None
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{replica['url']}/health", timeout=5)
+        assert_replica_gone(replica["pid"], segments)
         assert json.loads(json.dumps(node.status()))  # the whole status is plain JSON
+    finally:
+        node.stop()

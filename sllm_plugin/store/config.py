@@ -3,6 +3,10 @@
 The defaults run on a laptop: a DRAM tier in /dev/shm sized to a quarter of the memory, an SSD
 tier in the user's cache directory sized to half of its free space, the machine's GPUs (or all
 its CPU cores as one device), and vLLM's OpenAI server as the replica command.
+
+The bearer token is never a value here: configuration files are shared, copied and left
+readable (and the command line is in `ps`). `token_file` names a 0600 file of this user; with
+none, $SLLM_NODE_TOKEN; with neither, the daemon makes `<state_dir>/token` (see `tokens`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 from ..configfile import ConfigError, read_mapping, validate
+from ..tokens import NODE_TOKEN_ENV, default_node_state_dir, ensure_node_token, token_from
 from .names import check_model_name
 
 DEFAULT_PORT = 8073
@@ -44,9 +49,16 @@ class ModelEntry(_Strict):
 class NodeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    token: str | None = Field(default=None, description="bearer token for mutating calls")
-    state_dir: Path = Field(default_factory=lambda: _user_dir("XDG_STATE_HOME", ".local/state")
-                            / "sllm_plugin" / "node")
+    token_file: Path | None = Field(
+        default=None, description="file holding the bearer token for mutating calls (0600); "
+        f"default ${NODE_TOKEN_ENV}, else <state_dir>/token, made at first start")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="further names clients may use in the Host header "
+        "(besides IP literals, localhost, the bind address and this machine's names); "
+        "'*.example.com' matches subdomains, '*' any name")
+    max_body_bytes: ByteSize = Field(ByteSize(64 * 1024),
+                                     description="largest request body accepted")
+    state_dir: Path = Field(default_factory=default_node_state_dir)
     dram: TierConfig | None = Field(default_factory=lambda: default_dram_tier())
     ssd: TierConfig = Field(default_factory=lambda: default_ssd_tier())
     devices: list[str] | None = Field(
@@ -120,9 +132,27 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             raw[head] = {**_default_section(head), **section, tail: value}
         else:
             raw[key] = value
-    if "token" not in raw and os.environ.get("SLLM_NODE_TOKEN"):
-        raw["token"] = os.environ["SLLM_NODE_TOKEN"]
+    if "token" in raw:  # the value is never echoed
+        raise ConfigError(f"{path or 'flags'}: 'token' is not read from the configuration (a "
+                          "configuration file is no place for a secret); put the token in a "
+                          "file only you can read and set 'token_file', or set "
+                          f"${NODE_TOKEN_ENV}")
     return validate(NodeConfig, raw, path, "node")
+
+
+def resolve_token(config: NodeConfig, state_dir: Path) -> tuple[str, str]:
+    """The node's bearer token and where it came from (for the start-up log; never the token).
+
+    `token_file`, else $SLLM_NODE_TOKEN, else `<state_dir>/token` (made 0600 on first use,
+    so that mutating calls are authenticated even when nobody configured a token). Raises
+    TokenError naming the file and what is wrong with it.
+    """
+    token = token_from(config.token_file, NODE_TOKEN_ENV)
+    if token is not None:
+        where = str(config.token_file) if config.token_file else f"${NODE_TOKEN_ENV}"
+        return token, where
+    token, path = ensure_node_token(state_dir)
+    return token, str(path)
 
 
 def _default_section(name: str) -> dict[str, Any]:

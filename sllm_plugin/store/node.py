@@ -2,6 +2,11 @@
 
 The HTTP API (`api.py`) is a thin layer over this class; tests and the benchmark can drive it
 through HTTP like any client. Errors raised here carry the HTTP status that fits them.
+
+Models come from two places that are trusted differently: the configuration file's `models`
+(the operator's: their `replica_args` go to vLLM as written) and `POST /models` (a caller's,
+kept in `<state_dir>/models.json`: their `replica_args` must pass `replicaargs`' allowlist,
+when registered and again whenever a replica starts, also after a restart).
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from .bandwidth import Bandwidth, calibrate_read
-from .config import ModelEntry, NodeConfig
+from .config import ModelEntry, NodeConfig, resolve_token
 from .hugetmpfs import ensure_huge_tmpfs, has_huge_pages
 from .jobs import Job, TierQueue
 from .names import check_model_name
+from .replicaargs import ReplicaArgsError, check_api_args
 from .replicas import Device, Launcher, Replica, ReplicaError, detect_devices, parse_device
 from .sources import SourceError, copy_checkpoint, resolve_fetch
+from .statedir import StateLock, private_dir, read_private, remove_stale_temporaries, write_atomic
 from .tiers import NotInTier, Tier, TierError
 
 logger = logging.getLogger("sllm_plugin.store")
@@ -34,8 +42,24 @@ class NodeError(Exception):
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
+        """Raises StateDirError (state directory unsafe, or held by another daemon) and
+        TokenError (a configured token that cannot be used) before touching anything else."""
         self.config = config
         self.started = time.time()
+        self.state_dir = private_dir(config.state_dir, "the node's state directory")
+        self._state_lock = StateLock(self.state_dir)  # before anything reads or writes state
+        try:
+            self._setup(config)
+        except BaseException:
+            self._state_lock.release()
+            raise
+
+    def _setup(self, config: NodeConfig) -> None:
+        remove_stale_temporaries(self.state_dir)
+        self.token, where = resolve_token(config, self.state_dir)
+        logger.info("mutating calls need 'Authorization: Bearer <token>'; the token is in %s%s",
+                    where, " (`sllm node-token` prints it)" if where.startswith("/") and
+                    Path(where).parent == self.state_dir else "")
         self.tiers: dict[str, Tier] = {}
         for name in TIER_ORDER:
             tier_cfg = getattr(config, name)
@@ -55,9 +79,8 @@ class Node:
         self.assigned: dict[str, int] = {}  # device name -> replica id
         self.replicas: dict[int, Replica] = {}
         self.models: dict[str, ModelEntry] = dict(config.models)
+        self._trusted: set[str] = set(config.models)  # entries as the operator wrote them
         self._lock = threading.RLock()
-        self.state_dir = config.state_dir.expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self._load_registry()
         self.launcher = Launcher(config.replica_command, config.replica_args, config.replica_env,
                                  self.state_dir / "logs", config.ready_timeout_s,
@@ -97,17 +120,26 @@ class Node:
             t.join()
         for q in self.queues.values():
             q.close()
+        self._state_lock.release()
 
     # -- models ---------------------------------------------------------------------------
 
     def register(self, name: str, source: str, revision: str | None = None,
                  replica_args: list[str] | None = None) -> ModelEntry:
+        """Register (or replace) a model through the API: its flags must pass the allowlist."""
         check_model_name(name)
+        _check_args(replica_args or [], "replica_args")
         entry = ModelEntry(source=source, revision=revision, replica_args=replica_args or [])
         with self._lock:
             self.models[name] = entry
+            self._trusted.discard(name)
             self._save_registry()
         return entry
+
+    def public_models(self) -> dict[str, dict]:
+        """The models as unauthenticated callers see them: no flags, no URL credentials."""
+        return {n: {"source": public_source(m.source), "revision": m.revision}
+                for n, m in sorted(self.models.items())}
 
     def _known(self, name: str) -> None:
         check_model_name(name)
@@ -145,30 +177,40 @@ class Node:
             except NodeError as e:
                 logger.warning("promotion of %s after its fetch: %s", fetch.model, e)
 
-    def ensure(self, name: str, tier: str) -> tuple[float, float]:
-        """Block until `tier` holds the model; returns (seconds queued, seconds transferring)."""
+    def ensure(self, name: str, tier: str,
+               deadline: float | None = None) -> tuple[float, float, Job | None]:
+        """Block until `tier` holds the model, or until `deadline` (time.monotonic()) passes.
+
+        Returns (seconds queued, seconds transferring, None), or the job still under way at
+        the deadline in place of None. A fetch into dram is a fetch into ssd, then a promotion.
+        """
         queued = running = 0.0
-        if tier == "dram" and not self.tiers["ssd"].has(name) and not self._tier(tier).has(name):
-            q, r = self.ensure(name, "ssd")
-            queued, running = queued + q, running + r
-        job = self.prefetch(name, tier)
-        if job is not None:
-            job.done.wait()
+        for _ in range(4):  # fetch, promote; again if the copy was evicted meanwhile
+            job = self.prefetch(name, tier)
+            if job is None:
+                return queued, running, None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.done.wait(left):
+                return queued, running, job
             if job.state == "failed":
-                raise NodeError(f"{job.kind} of {name} into {tier} failed: {job.error}",
+                raise NodeError(f"{job.kind} of {name} into {job.tier} failed: {job.error}",
                                 job.error_status or 502)
             queued += (job.started or job.created) - job.created
             running += (job.finished or time.time()) - (job.started or job.created)
-        return queued, running
+        raise NodeError(f"{name} was evicted from the {tier} tier as fast as it was fetched; "
+                        "the tier is too small for what is asked of it", 507)
 
     def _fetch(self, name: str) -> Job:
         entry = self.models.get(name)
         if entry is None:
             raise NodeError(f"{name} is in no tier this fetch could use, and has no source", 404)
         ssd = self.tiers["ssd"]
-        local = not _looks_like_hub_id(entry.source)
         fetch = None
-        if local:  # resolving is cheap: a bad source or a model too large fails right here
+        # A local source is resolved here (cheap: a bad source or a model too large fails at
+        # once); a URL or a hub id in the job: resolving them talks to a server, and a server
+        # that never answers held the request, and with 40 such requests every thread that
+        # serves the API.
+        if _is_local(entry.source):
             fetch = self._resolve(name, entry)
             if fetch.nbytes > ssd.capacity:
                 raise NodeError(f"{name} needs {fetch.nbytes / 1e9:.3f} GB; the largest tier "
@@ -188,7 +230,8 @@ class Node:
         try:
             return resolve_fetch(entry.source, entry.revision)
         except SourceError as e:
-            raise NodeError(f"{name}: source {entry.source!r} cannot be used: {e}", 422) from None
+            raise NodeError(f"{name}: source {public_source(entry.source)!r} cannot be used: {e}",
+                            422) from None
 
     def _promote(self, name: str) -> Job:
         ssd, dram = self.tiers["ssd"], self.tiers["dram"]
@@ -239,14 +282,22 @@ class Node:
         self._known(name)
         if tier is not None:
             self._tier(tier)
+        untrusted = _check_args(list(args or []), "args")
+        entry = self.models.get(name)
+        trusted: list[str] = []
+        if entry is not None and name in self._trusted:
+            trusted = list(entry.replica_args)
+        elif entry is not None:  # registered through the API (maybe by an older version)
+            untrusted = [*_check_args(entry.replica_args, f"model {name}'s replica_args"),
+                         *untrusted]
         with self._lock:
             chosen = self._assign(devices, count)
             replica = Replica(model=name, devices=chosen)
             for d in chosen:
                 self.assigned[d.name] = replica.id
             self.replicas[replica.id] = replica
-        extra = [*(self.models[name].replica_args if name in self.models else []), *(args or [])]
-        threading.Thread(target=self._bring_up, args=(replica, extra, tier), daemon=True,
+        threading.Thread(target=self._bring_up, args=(replica, untrusted, trusted, tier),
+                         daemon=True,
                          name=f"sllm-replica-{replica.id}-start").start()
         return replica
 
@@ -275,7 +326,8 @@ class Node:
                             f"{sorted(self.assigned)}", 409)
         return free[:count]
 
-    def _bring_up(self, replica: Replica, extra: list[str], tier: str | None) -> None:
+    def _bring_up(self, replica: Replica, untrusted: list[str], trusted: list[str],
+                  tier: str | None) -> None:
         """Get the model into the fastest tier that can take it, then launch the replica."""
         name = replica.model
         try:
@@ -283,14 +335,14 @@ class Node:
             if tier is not None:
                 if not self.tiers[tier].has(name):
                     replica.state = "fetching"
-                    queued, running = self.ensure(name, tier)
+                    queued, running, _ = self.ensure(name, tier)
             elif not self.tiers.get("dram") or not self.tiers["dram"].has(name):
                 if not self.tiers["ssd"].has(name):
                     replica.state = "fetching"
-                    queued, running = self.ensure(name, "ssd")
+                    queued, running, _ = self.ensure(name, "ssd")
                 if self._can_promote(name):
                     replica.state = "fetching"
-                    q, r = self.ensure(name, "dram")
+                    q, r, _ = self.ensure(name, "dram")
                     queued, running = queued + q, running + r
             replica.phases.update(queue=queued, fetch=running)
             tier = tier or next(t for t in TIER_ORDER
@@ -303,7 +355,7 @@ class Node:
             replica.tier = tier
             replica.path = str(self.tiers[tier].acquire(name))
             replica.holds_tier = True
-            self.launcher.launch(replica, extra)
+            self.launcher.launch(replica, untrusted, trusted)
         except Exception as e:  # reported on the replica; the daemon goes on
             replica.state, replica.error = "failed", str(e)
             self._release(replica)
@@ -380,7 +432,7 @@ class Node:
             "devices": [{"name": d.name, "replica": self.assigned.get(d.name)}
                         for d in self.devices],
             "tiers": tiers, "transfer_gbps": transfers,
-            "models": {n: m.model_dump() for n, m in sorted(self.models.items())},
+            "models": self.public_models(),
             "replicas": [r.describe() for r in self.replicas.values()],
             "notes": self.notes,
         }
@@ -391,23 +443,59 @@ class Node:
         return self.state_dir / "models.json"
 
     def _load_registry(self) -> None:
+        """The models registered through the API before a restart: never trusted (a model the
+        configuration names keeps the configuration's entry)."""
         try:
-            saved = json.loads(self._registry_path().read_text())
-        except (OSError, ValueError):
+            saved = json.loads(read_private(self._registry_path()) or b"{}")
+            if not isinstance(saved, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as e:
+            logger.warning("%s: ignored (%s)", self._registry_path(), e)
             return
         for name, raw in saved.items():
-            self.models.setdefault(name, ModelEntry.model_validate(raw))
+            if name in self.config.models:
+                continue
+            try:
+                check_model_name(name)
+                self.models[name] = ModelEntry.model_validate(raw)
+            except ValueError as e:
+                logger.warning("%s: entry %r ignored (%s)", self._registry_path(), name[:100],
+                               str(e).splitlines()[0])
 
     def _save_registry(self) -> None:
-        tmp = self._registry_path().with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({n: m.model_dump() for n, m in self.models.items()}, indent=1))
-        os.replace(tmp, self._registry_path())
+        """Keep the API's registrations (only those: the configuration keeps its own)."""
+        api = {n: m.model_dump() for n, m in self.models.items() if n not in self._trusted}
+        write_atomic(self._registry_path(), json.dumps(api, indent=1).encode())
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    if source.startswith(("http://", "https://", "/", ".", "~")):
+def _check_args(args: list[str], where: str) -> list[str]:
+    try:
+        return check_api_args(args, where)
+    except ReplicaArgsError as e:
+        raise NodeError(str(e), 400) from None
+
+
+def public_source(source: str) -> str:
+    """A source as it may be shown without authentication: a URL without its credentials,
+    query or fragment (a signed URL carries its key there)."""
+    if not source.startswith(("http://", "https://")):
+        return source
+    parts = urllib.parse.urlsplit(source)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return urllib.parse.urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+
+
+def _is_local(source: str) -> bool:
+    """A local path (resolved at once) rather than a URL or a hub id (resolved in the job)."""
+    if source.startswith(("http://", "https://")):
         return False
-    return not Path(source).exists()
+    return source.startswith(("/", ".", "~")) or Path(source).exists()
 
 
 __all__ = ["Node", "NodeError", "NotInTier", "ReplicaError"]

@@ -4,14 +4,20 @@ A replica is one OpenAI-compatible vLLM server process started with `--load-form
 tier's copy of the checkpoint, on a port the daemon picks, with the devices it assigns: GPU
 ids through CUDA_VISIBLE_DEVICES (and the matching tensor-parallel size), or a CPU core set
 through VLLM_CPU_OMP_THREADS_BIND with the whole process tree confined to those cores. Its
-output is kept in a log file and a short tail; the loader's own summary line gives the load
-phase and feeds the tier's bandwidth estimate.
+output is kept in a private log file (0600, in the daemon's 0700 state directory) and a short
+tail, with the values of secret-bearing flags hidden; the loader's own summary line gives the
+load phase and feeds the tier's bandwidth estimate.
+
+Its command line is the replica command, the API caller's flags (checked by `replicaargs`),
+the operator's flags, then the daemon's own (`--model`, `--host`, `--port`, ...): vLLM keeps
+the last value of a flag, so the daemon's win, then the operator's.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -25,8 +31,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .replicaargs import redact
+from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
+
 logger = logging.getLogger("sllm_plugin.store")
 _ids = itertools.count(1)
+GROUP_GRACE_S = 5.0  # for what is left of a replica's process group after its leader
 # The loader's summary line (sllm_plugin.vllm.loader._log).
 LOAD_LINE = re.compile(r"sllm: loaded (?P<gb>[\d.]+) GB in (?P<s>[\d.]+) s .*?tier (?P<tier>\w+)")
 _CPU_SET = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -176,18 +186,22 @@ class Launcher:
         self.stop_timeout_s = stop_timeout_s
         self.on_load = on_load  # (replica, gb, seconds, tier) after the loader's line
         self.on_end = on_end  # (replica) when the process has ended, whatever the reason
-        log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(log_dir, "the replica log directory")
+        remove_stale_temporaries(log_dir)
         self._pids_lock = threading.Lock()
 
-    def argv(self, replica: Replica, extra: list[str]) -> list[str]:
+    def argv(self, replica: Replica, untrusted: list[str], trusted: list[str]) -> list[str]:
+        """The replica's command line: `untrusted` (the API caller's flags, already checked)
+        first, then the operator's (`base_args`, then the model's `trusted`), then the
+        daemon's own, so that for any flag given twice the later one counts."""
         cuda = [d for d in replica.devices if d.kind == "cuda"]
-        args = [*self.command, "--model", str(replica.path), "--served-model-name",
-                replica.model, "--load-format", "sllm",
-                "--model-loader-extra-config", json.dumps({"tier": replica.tier}),
-                "--host", "127.0.0.1", "--port", str(replica.port)]
+        own = ["--model", str(replica.path), "--served-model-name", replica.model,
+               "--load-format", "sllm",
+               "--model-loader-extra-config", json.dumps({"tier": replica.tier}),
+               "--host", "127.0.0.1", "--port", str(replica.port)]
         if len(cuda) > 1:
-            args += ["--tensor-parallel-size", str(len(cuda))]
-        return args + self.base_args + extra
+            own += ["--tensor-parallel-size", str(len(cuda))]
+        return [*self.command, *untrusted, *self.base_args, *trusted, *own]
 
     def environment(self, replica: Replica) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -199,13 +213,15 @@ class Launcher:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cpus)
         return env
 
-    def launch(self, replica: Replica, extra: list[str]) -> None:
+    def launch(self, replica: Replica, untrusted: list[str], trusted: list[str]) -> None:
         """Spawn the process; raises ReplicaError (400) if the command cannot run at all."""
         replica.port = free_port()
-        replica.log_path = str(self.log_dir / f"replica-{replica.id}.log")
-        argv = self.argv(replica, extra)
-        log = open(replica.log_path, "w")  # noqa: SIM115 - closed by the reader thread
-        log.write("$ " + " ".join(argv) + "\n")
+        log_path = self.log_dir / f"replica-{replica.id}.log"
+        replica.log_path = str(log_path)
+        argv = self.argv(replica, untrusted, trusted)
+        shown, hidden = redact(argv)
+        log = _new_log(log_path)
+        log.write("$ " + " ".join(shown) + "\n")
         log.flush()
         replica.mark("spawn")
         try:
@@ -224,25 +240,29 @@ class Launcher:
             raise error from None
         replica.pid, replica.state = replica.process.pid, "starting"
         self._remember(replica.pid, argv)
-        threading.Thread(target=self._read_output, args=(replica, log), daemon=True,
+        threading.Thread(target=self._read_output, args=(replica, log, hidden), daemon=True,
                          name=f"sllm-replica-{replica.id}-log").start()
         threading.Thread(target=self._watch, args=(replica,), daemon=True,
                          name=f"sllm-replica-{replica.id}-health").start()
 
     def stop(self, replica: Replica) -> None:
+        """Stop the replica: SIGTERM to its first process (vLLM's API server), which stops
+        its engine; SIGKILL to that process alone after `stop_timeout_s`. What is left of its
+        process group is then ended by `end_group` (from `_watch`), which spares the shared
+        memory the replica's processes leave. Returns once the whole group has gone."""
         process = replica.process
         if process is None or process.poll() is not None:
             return
         replica.state = "stopping"
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
             process.wait()
-        replica.finished.wait(10)
+        replica.finished.wait(2 * GROUP_GRACE_S + 10)
 
     # -- replicas that outlived a killed daemon -------------------------------------------
 
@@ -250,19 +270,21 @@ class Launcher:
         return self.log_dir / "replica-pids.json"
 
     def _pids(self) -> dict[str, str]:
+        """pid -> SHA-256 of its command line (older daemons kept the command line itself)."""
         try:
-            return json.loads(self._pids_path().read_text())
+            raw = json.loads(read_private(self._pids_path()) or b"{}")
         except (OSError, ValueError):
             return {}
+        return ({str(k): v for k, v in raw.items() if isinstance(v, str)}
+                if isinstance(raw, dict) else {})
 
     def _write_pids(self, pids: dict[str, str]) -> None:
-        tmp = self._pids_path().with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(pids))
-        os.replace(tmp, self._pids_path())
+        write_atomic(self._pids_path(), json.dumps(pids).encode())
 
     def _remember(self, pid: int, argv: list[str]) -> None:
+        # A digest, not the command line: that may hold an operator's secret flag.
         with self._pids_lock:
-            self._write_pids({**self._pids(), str(pid): " ".join(argv)})
+            self._write_pids({**self._pids(), str(pid): _cmdline_digest(argv)})
 
     def _forget(self, pid: int) -> None:
         with self._pids_lock:
@@ -274,16 +296,23 @@ class Launcher:
         """Stop replicas a previous daemon started and never stopped (it was killed): they
         hold devices this daemon is about to hand out again."""
         notes = []
-        for pid_text, command in self._pids().items():
+        for pid_text, recorded in self._pids().items():
+            if not pid_text.isdigit():
+                continue
             pid = int(pid_text)
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue  # gone already
-            if cmdline.decode(errors="replace").strip() != command.strip():
-                continue  # the pid was reused by something else
+            if recorded not in (hashlib.sha256(raw).hexdigest(),  # else the pid was reused
+                                raw.replace(b"\0", b" ").decode(errors="replace").strip()):
+                continue
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGTERM)  # as `stop` does, not SIGKILL to the group:
+            if not _wait_gone(pid, self.stop_timeout_s):  # that leaked its shared memory
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            end_group(pid)
             notes.append(f"stopped replica process {pid} left by a previous daemon")
             logger.warning("%s", notes[-1])
         self._write_pids({})
@@ -291,10 +320,12 @@ class Launcher:
 
     # -- threads ------------------------------------------------------------------------
 
-    def _read_output(self, replica: Replica, log) -> None:
+    def _read_output(self, replica: Replica, log, hidden: list[str]) -> None:
         assert replica.process is not None and replica.process.stdout is not None
         with log:
             for line in replica.process.stdout:
+                for secret in hidden:  # vLLM logs its non-default arguments
+                    line = line.replace(secret, "***")
                 log.write(line)
                 log.flush()
                 replica.tail.append(line.rstrip("\n"))
@@ -337,6 +368,7 @@ class Launcher:
                 stop.wait(0.25)  # poll interval while the server comes up
         returncode = process.wait()
         replica.returncode = returncode
+        end_group(process.pid)  # what the API server left (an engine core it did not stop)
         if replica.state == "stopping":
             replica.state = "stopped"
         elif not replica.ready.is_set():
@@ -354,3 +386,91 @@ class Launcher:
             self.on_end(replica)
         replica.finished.set()
         replica.ready.set()  # wake anyone waiting for readiness: it will not come
+
+
+def _cmdline_digest(argv: list[str]) -> str:
+    """SHA-256 of the command line as /proc/PID/cmdline shows it (NUL after each argument)."""
+    return hashlib.sha256(b"".join(os.fsencode(a) + b"\0" for a in argv)).hexdigest()
+
+
+def _new_log(path: Path):
+    """A fresh replica log, 0600, created with O_EXCL|O_NOFOLLOW (an old log of the same name
+    is removed first: replica ids start again at 1 with each daemon)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    return os.fdopen(fd, "w")
+
+
+def _state(stat_text: str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    return stat_text.rsplit(")", 1)[1].split()
+
+
+def _group_members(pgid: int) -> dict[int, bool]:
+    """Live (not zombie) processes of group `pgid` -> whether each is a multiprocessing
+    resource tracker."""
+    members = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = _state(stat_path.read_text())
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            cmdline = (stat_path.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        members[int(stat_path.parent.name)] = b"multiprocessing.resource_tracker" in cmdline
+    return members
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process `pid` (not a child of ours) has ended; False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while time.monotonic() < deadline:
+        try:
+            if _state(Path(f"/proc/{pid}/stat").read_text())[0] == "Z":
+                return True
+        except (OSError, IndexError):
+            return True
+        tick.wait(0.05)  # nothing to block on for a process that is not our child
+    return False
+
+
+def _wait_group(pgid: int, timeout: float, trackers_too: bool) -> dict[int, bool]:
+    """Wait until group `pgid` has no members (but resource trackers, unless `trackers_too`);
+    returns the members left after `timeout`."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while True:
+        left = {pid: tracker for pid, tracker in _group_members(pgid).items()
+                if trackers_too or not tracker}
+        if not left or time.monotonic() >= deadline:
+            return left
+        tick.wait(0.05)  # the members are not our children: nothing to block on
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def end_group(pgid: int, grace_s: float = GROUP_GRACE_S) -> None:
+    """End what is left of a replica's process group `pgid` once its leader has gone.
+
+    The shared memory (`/dev/shm/psm_*`) vLLM's engine and workers map is removed by
+    Python's multiprocessing resource tracker, a process of the same group that ignores
+    SIGTERM and cleans up when the processes it serves have exited. A SIGKILL to the whole
+    group killed it too and left two segments (400 MB with vLLM's defaults) per replica. So:
+    SIGTERM to the group; SIGKILL after `grace_s` to what is left but the tracker; SIGKILL to
+    the tracker only if it is still there `grace_s` later. The group id cannot be taken by a
+    new process while any member lives, so this never signals strangers.
+    """
+    if not _group_members(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    _signal(list(_wait_group(pgid, grace_s, trackers_too=False)), signal.SIGKILL)
+    _signal(list(_wait_group(pgid, grace_s, trackers_too=True)), signal.SIGKILL)
