@@ -20,6 +20,7 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DEPTH = 8
+_MAX_STATE_FILE = 16 * 1024 * 1024
 
 
 class UnsafeDirectory(OSError):
@@ -45,15 +47,15 @@ class NotRegular(OSError):
         self.relative, self.kind = relative, kind
 
 
-def ensure_private_dir(path: Path, what: str) -> None:
-    """Create `path` 0700 (its parents as usual), or adopt it if it is safely ours.
+def ensure_private_dir(path: Path, what: str) -> Path:
+    """Create `path` 0700 (its parents as usual), or adopt it if it is safely ours; returns it.
 
     Raises UnsafeDirectory naming `what` (e.g. "the dram tier") and the reason: a symbolic
     link, not a directory, owned by another user, writable by group or others, or in a parent
     that everyone may write without the sticky bit (anyone could replace it there). A directory
     of ours that others may only read (older versions made tiers 0755) is tightened to 0700.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
@@ -61,7 +63,7 @@ def ensure_private_dir(path: Path, what: str) -> None:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as e:
         if path.is_symlink():
-            raise UnsafeDirectory(f"{what} {path} is a symbolic link; a tier must be a real "
+            raise UnsafeDirectory(f"{what} {path} is a symbolic link; it must be a real "
                                   "directory (configure the path it points to instead)") from None
         if e.errno == errno.ENOTDIR:
             raise UnsafeDirectory(f"{what} {path} exists and is not a directory") from None
@@ -85,7 +87,8 @@ def ensure_private_dir(path: Path, what: str) -> None:
     if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
         raise UnsafeDirectory(
             f"{what} {path}: its parent {path.parent} is writable by everyone without the "
-            "sticky bit, so anyone could replace the tier there; use another path")
+            "sticky bit, so anyone could replace it there; use another path")
+    return path
 
 
 def create_private_file(path: Path) -> int:
@@ -101,6 +104,39 @@ def write_private_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes, prefix: str | None = None) -> None:
+    """Replace `path` with `data`: a new private temporary file beside it (mkstemp creates it
+    0600 with O_EXCL, so never through a link or over another file), fsynced, then renamed.
+    The temporary file is named `prefix` (default `.NAME.`) + random + `.tmp`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_private(path: Path) -> bytes | None:
+    """The bytes of the regular file `path` (not through a link), or None if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UnsafeDirectory(f"{path} is not a regular file")
+        data = f.read(_MAX_STATE_FILE + 1)
+    if len(data) > _MAX_STATE_FILE:
+        raise UnsafeDirectory(f"{path} is larger than {_MAX_STATE_FILE} bytes")
+    return data
 
 
 def _kind(mode: int) -> str:

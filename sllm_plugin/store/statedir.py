@@ -15,16 +15,15 @@ without following links.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import stat
-import tempfile
 from pathlib import Path
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from .private import UnsafeDirectory, ensure_private_dir, read_private, write_atomic
+
+__all__ = ["StateDirError", "StateLock", "private_dir", "read_private",
+           "remove_stale_temporaries", "write_atomic"]
 LOCK_FILENAME = "lock"
-_MAX_STATE_FILE = 16 * 1024 * 1024
 
 
 class StateDirError(OSError):
@@ -32,43 +31,12 @@ class StateDirError(OSError):
 
 
 def private_dir(path: Path, what: str) -> Path:
-    """Create `path` 0700 (parents as usual), or adopt it if it is safely ours; returns it.
-
-    Raises StateDirError naming `what` and the reason: a symbolic link, not a directory,
-    owned by another user, writable by group or others, or inside a parent everyone may write
-    without the sticky bit (anyone could rename ours away and put theirs in its place).
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
+    """Create `path` 0700, or adopt it if it is safely ours (private.ensure_private_dir's
+    rules); StateDirError says why not."""
     try:
-        fd = os.open(path, _DIR_FLAGS)
-    except OSError as e:
-        if path.is_symlink():
-            raise StateDirError(f"{what} {path} is a symbolic link; configure the directory "
-                                "it points to instead") from None
-        if e.errno == errno.ENOTDIR:
-            raise StateDirError(f"{what} {path} exists and is not a directory") from None
-        raise StateDirError(f"{what} {path} cannot be opened ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise StateDirError(f"{what} {path} belongs to uid {st.st_uid}, not to this user "
-                                f"({os.geteuid()}); remove it or configure another path")
-        if st.st_mode & 0o022:
-            raise StateDirError(f"{what} {path} is writable by group or others (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}); check what it holds, then "
-                                "chmod 700 it")
-        if st.st_mode & 0o077:
-            os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-    parent = os.stat(path.parent)
-    if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
-        raise StateDirError(f"{what} {path}: its parent {path.parent} is writable by everyone "
-                            "without the sticky bit; use another path")
-    return path
+        return ensure_private_dir(path, what)
+    except UnsafeDirectory as e:
+        raise StateDirError(str(e)) from None
 
 
 class StateLock:
@@ -103,37 +71,6 @@ class StateLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: a new private temporary file beside it (mkstemp creates it
-    0600 with O_EXCL, so never through a link or over another file), fsynced, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_private(path: Path) -> bytes | None:
-    """The bytes of the regular file `path` (not through a link), or None if there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise StateDirError(f"{path} is not a regular file")
-        data = f.read(_MAX_STATE_FILE + 1)
-    if len(data) > _MAX_STATE_FILE:
-        raise StateDirError(f"{path} is larger than {_MAX_STATE_FILE} bytes")
-    return data
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from .private import (
     regular_tree,
     remove_tree,
     tree_bytes,
+    write_atomic,
 )
 
 logger = logging.getLogger("sllm_plugin.store")
@@ -386,17 +386,10 @@ class Tier:
         renamed over the old one. A failure is logged, not raised: the state is advisory."""
         state = {e.name: {"pinned": e.pinned, "last_used": e.last_used}
                  for e in self._entries.values()}
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{STATE_FILE}.", suffix=".tmp", dir=self.path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_STATE.dump_json(_STATE.validate_python(state), indent=1))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / STATE_FILE)
+            write_atomic(self.path / STATE_FILE,
+                         _STATE.dump_json(_STATE.validate_python(state), indent=1),
+                         prefix=f"{STATE_FILE}.")
         except OSError as e:
             logger.warning("%s: could not save the tier state (%s); pins and last-use times "
                            "will not survive a restart", self.name, e)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
