@@ -100,6 +100,25 @@ def open_regular(path: Path, what: str, *, root: Path | None = None,
     return fd
 
 
+def open_file(path: Path, what: str) -> int:
+    """Open a file already validated (by stat_regular) for reading, following links as that
+    check allowed: non-blocking and re-checked with fstat, so a FIFO or device swapped in
+    since can neither hang nor feed the reader. Returns a blocking descriptor."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS & ~os.O_NOFOLLOW)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot open {what}: {_reason(e)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{path}: {what} is not a regular file ({_kind(mode)})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_regular(path: Path, what: str, limit: int, *, root: Path | None = None,
                  container: str = "the checkpoint") -> bytes:
     """The whole content of a regular file of at most `limit` bytes. Raises FormatError."""
