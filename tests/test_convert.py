@@ -387,3 +387,13 @@ def test_converting_an_sllm_checkpoint_says_it_already_is_one(tiny_model, tmp_pa
            "convert" in done.stderr
     assert "save_pretrained" not in done.stderr and "%|" not in done.stderr
     assert_nothing_written(tmp_path / "out")
+
+
+def test_a_single_file_named_as_the_source_may_be_a_link(tmp_path):
+    """The file named is the caller's choice, as a source directory is."""
+    (tmp_path / "store").mkdir()
+    save_file({"w": torch.arange(6.0)}, tmp_path / "store" / "blob")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.safetensors").symlink_to(tmp_path / "store" / "blob")
+    out = convert(tmp_path / "m" / "w.safetensors", tmp_path / "out", quiet=True)
+    assert torch.equal(load_state_dict(out)["w"], torch.arange(6.0))

@@ -67,9 +67,15 @@ def resolve_source(src: str | Path, revision: str | None = None) -> ResolvedSour
             hint = (f"; {path.parent} is an sllm checkpoint already, nothing to convert"
                     if is_checkpoint(path.parent) else "")
             raise FormatError(f"{path}: only .safetensors files can be converted{hint}")
+        # The file named is the source itself: a link to it is the caller's choice (as for a
+        # source directory); the side files beside it follow the rules of side_files.
+        try:
+            real = Path(os.path.realpath(path, strict=True))
+        except OSError as e:
+            raise FormatError(f"{path}: cannot resolve the weight file: {e.strerror}") from None
+        stat_regular(real, "weight file")
         directory = path.parent
         root = source_root(directory)
-        stat_regular(path, "weight file", root=root, container=_SOURCE)
         return ResolvedSource([path], side_files(directory, root), model_id=str(src),
                               directory=directory, root=root)
     if path.is_dir():
