@@ -42,8 +42,9 @@ _SOURCE = "the source directory"
 class ResolvedSource:
     """What a conversion reads: the weight files, the side files to copy, and where from.
 
-    Every path is inside `directory`; a symlink among them points to a regular file inside
-    `root` (checked here, and again when each file is opened).
+    Every path is inside `directory`, and a symlink among them points to a regular file
+    inside `root` (checked here; each file is opened non-blocking and checked again to be a
+    regular file). The one exception is a single weight file named as the source itself.
     """
 
     weight_files: list[Path]

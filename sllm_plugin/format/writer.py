@@ -338,7 +338,7 @@ class CheckpointWriter:
         hub cache's snapshot links into its blobs); FIFOs and devices are refused unopened.
         """
         name = name or Path(source).name
-        if name == INDEX_FILENAME or "/" in name or name.startswith(".") or name in ("", ".."):
+        if not name or name == INDEX_FILENAME or "/" in name or name.startswith("."):
             raise ValueError(f"refusing to copy a side file named {name!r}")
         with self._io_errors():  # a refused source (FormatError) leaves the writer usable
             copy_regular_file(Path(source), self.staging / name, root=root)
