@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import edit_index, run_cli
 from sllm_plugin import (
     CheckpointExistsError,
     FormatError,
+    iter_state_dict,
     load_state_dict,
     save_state_dict,
     verify_checkpoint,
@@ -221,3 +224,217 @@ def test_cli_verify_exit_status_names_the_bad_tensor(ckpt):
     bad = run_cli("verify", str(ckpt))
     assert bad.returncode == 1
     assert "'norm.weight'" in bad.stderr and "CORRUPT" in bad.stderr
+
+
+# -- tensor checksums: an index pointing at the wrong bytes --------------------------------
+
+
+@pytest.fixture
+def twins(tmp_path):
+    """Two same-size tensors, each spanning three 4 KiB chunks, between two others."""
+    g = torch.Generator().manual_seed(5)
+    state = {
+        "first": torch.randn(100, generator=g),
+        "a": torch.randn(3, 1024, generator=g),
+        "b": torch.randn(3, 1024, generator=g),
+        "last": torch.randn(7, generator=g).to(torch.float16),
+    }
+    return state, save_state_dict(state, tmp_path / "twins", chunk_bytes=4096)
+
+
+def swap_offsets(ckpt, x: str, y: str) -> None:
+    def edit(raw):
+        ex, ey = entry(raw, x), entry(raw, y)
+        ex["offset"], ey["offset"] = ey["offset"], ex["offset"]
+
+    edit_index(ckpt, edit)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_swapped_same_size_tensors_are_caught_by_every_verify(twins, threads):
+    state, ckpt = twins
+    swap_offsets(ckpt, "a", "b")
+    # Every chunk checksum still passes: without verify the two load swapped.
+    loaded = load_state_dict(ckpt, threads=threads)
+    assert torch.equal(loaded["a"], state["b"]) and torch.equal(loaded["b"], state["a"])
+    own = r"tensor '[ab]' \(bytes \d+-\d+\) does not match its own checksum"
+    with pytest.raises(FormatError, match=own):
+        load_state_dict(ckpt, verify=True, threads=threads)
+    with pytest.raises(FormatError, match=own):
+        dict(iter_state_dict(ckpt, verify=True, threads=threads))
+    with pytest.raises(FormatError, match=r"(?s)2 tensor\(s\) failing their own checksum.*'a'.*'b'"):
+        verify_checkpoint(ckpt, threads=threads)
+    report = verify_checkpoint(ckpt, threads=threads, raise_on_error=False)
+    assert report.bad_chunks == 0 and report.bad_tensors == ["a", "b"]
+
+
+def test_cli_verify_names_a_tensor_the_index_misplaces(twins):
+    _, ckpt = twins
+    swap_offsets(ckpt, "a", "b")
+    bad = run_cli("verify", str(ckpt))
+    assert bad.returncode == 1, bad.stderr
+    assert "tensor 'a'" in bad.stderr and "tensor 'b'" in bad.stderr and "CORRUPT" in bad.stderr
+
+
+def test_edited_bytes_with_rewritten_chunk_checksums_are_caught(twins):
+    """Chunk checksums recomputed after an edit: only the tensor's own checksum sees it."""
+    import xxhash
+
+    _, ckpt = twins
+    raw = json.loads((ckpt / "sllm-index.json").read_text())
+    data = bytearray((ckpt / "data-00000.bin").read_bytes())
+    data[entry(raw, "b")["offset"] + 5000] ^= 0x40
+    (ckpt / "data-00000.bin").write_bytes(data)
+    raw["files"][0]["checksums"] = [xxhash.xxh3_64(bytes(data[i : i + 4096])).hexdigest()
+                                    for i in range(0, len(data), 4096)]
+    (ckpt / "sllm-index.json").write_text(json.dumps(raw))
+    with pytest.raises(FormatError, match=r"tensor 'b' .*does not match its own checksum"):
+        load_state_dict(ckpt, verify=True)
+    report = verify_checkpoint(ckpt, raise_on_error=False)
+    assert report.bad_chunks == 0 and report.bad_tensors == ["b"]
+
+
+def test_an_empty_tensor_with_a_wrong_checksum_fails_verify(tmp_path):
+    ckpt = save_state_dict({"w": torch.ones(3), "e": torch.empty(0, 5)}, tmp_path / "ck")
+    edit_index(ckpt, lambda raw: entry(raw, "e").update(checksum="0" * 16))
+    load_state_dict(ckpt)  # not verified: nothing to read, nothing checked
+    with pytest.raises(FormatError, match="tensor 'e' .*does not match its own checksum"):
+        load_state_dict(ckpt, verify=True)
+    assert verify_checkpoint(ckpt, raise_on_error=False).bad_tensors == ["e"]
+
+
+# -- hostile indexes and directories: FormatError and nothing else, never a hang -----------
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Turn a hang (an open or read blocked on a FIFO) into a test failure."""
+
+    def expired(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def replace_index_text(ckpt, old: str, new: str) -> None:
+    path = ckpt / "sllm-index.json"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_deeply_nested_index_is_a_format_error(ckpt):
+    depth = 100_000
+    (ckpt / "sllm-index.json").write_text(
+        '{"format": "sllm", "version": 1, "files": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        open_checkpoint(ckpt)
+
+
+def test_an_integer_too_long_to_parse_is_a_format_error(ckpt):
+    offset = entry(json.loads((ckpt / "sllm-index.json").read_text()), "norm.weight")["offset"]
+    replace_index_text(ckpt, f'"offset": {offset}', '"offset": ' + "9" * 5000)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        open_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [2**64, 0], [2**40, 2**40, 0]])
+def test_a_shape_torch_cannot_hold_is_refused_before_loading(ckpt, shape):
+    """An empty tensor whose other dimensions overflow int64 (torch raises RuntimeError)."""
+    edit_index(ckpt, lambda raw: entry(raw, "norm.weight").update(shape=shape, bytes=0))
+    with pytest.raises(FormatError, match=r"'norm.weight' has too many elements for torch"):
+        load_state_dict(ckpt)
+
+
+def test_data_file_symlink_loop(ckpt):
+    os.remove(ckpt / "data-00000.bin")
+    os.symlink("loop.bin", ckpt / "data-00000.bin")
+    os.symlink("data-00000.bin", ckpt / "loop.bin")
+    with pytest.raises(FormatError, match="data-00000.bin: data file cannot be resolved: .*loop"):
+        load_state_dict(ckpt)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "loop", "outside", "dangling"])
+def test_the_index_must_be_a_regular_file_inside_the_checkpoint(ckpt, tmp_path, kind):
+    index = ckpt / "sllm-index.json"
+    outside = tmp_path / "outside.json"
+    os.rename(index, outside)
+    expected = {
+        "fifo": r"index file is not a regular file \(a FIFO\)",
+        "directory": r"index file is not a regular file \(a directory\)",
+        "loop": "index file cannot be resolved: .*loop",
+        "outside": "index file resolves outside the checkpoint",
+        "dangling": r"index file is missing \(a dangling symlink\)",
+    }[kind]
+    if kind == "fifo":
+        os.mkfifo(index)
+    elif kind == "directory":
+        index.mkdir()
+    elif kind == "loop":
+        os.symlink("sllm-index.json", index)
+    elif kind == "outside":
+        os.symlink(outside, index)
+    else:
+        os.symlink("gone.json", index)
+    with deadline(10), pytest.raises(FormatError, match=expected):
+        open_checkpoint(ckpt)
+
+
+def test_an_index_symlinked_inside_the_checkpoint_is_fine(ckpt):
+    (ckpt / "meta").mkdir()
+    os.rename(ckpt / "sllm-index.json", ckpt / "meta" / "index.json")
+    os.symlink("meta/index.json", ckpt / "sllm-index.json")
+    assert set(load_state_dict(ckpt, verify=True)) == {"embed.weight", "norm.weight",
+                                                       "head.weight"}
+
+
+def test_an_index_over_the_size_cap_is_refused_unread(ckpt):
+    from sllm_plugin.format.spec import MAX_INDEX_BYTES
+
+    os.truncate(ckpt / "sllm-index.json", MAX_INDEX_BYTES + 1)  # sparse: nothing to read
+    with pytest.raises(FormatError, match=rf"index file is {MAX_INDEX_BYTES + 1} bytes, "
+                                          rf"over the {MAX_INDEX_BYTES}-byte limit"):
+        open_checkpoint(ckpt)
+
+
+@pytest.fixture
+def engine_ckpt(tmp_path):
+    from sllm_plugin.format.index import EngineInfo
+
+    top = tmp_path / "engine"
+    for rank in range(2):
+        save_state_dict({"w": torch.full((4,), float(rank))}, top / f"rank-{rank:05d}",
+                        layout="engine",
+                        engine=EngineInfo(engine_version="0.0", tensor_parallel_size=2,
+                                          rank=rank, dtype="float32"))
+    return top
+
+
+def test_engine_rank_directories_must_be_real_directories(engine_ckpt, tmp_path):
+    from sllm_plugin.format.reader import open_model_checkpoints
+
+    assert len(open_model_checkpoints(engine_ckpt)) == 2
+    rank1 = engine_ckpt / "rank-00001"
+    os.rename(rank1, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", rank1)
+    with pytest.raises(FormatError, match="rank-00001: rank directory is a symbolic link"):
+        open_model_checkpoints(engine_ckpt)
+    rank1.unlink()
+    rank1.write_text("not a directory")
+    with pytest.raises(FormatError, match="rank-00001: rank directory is not a directory"):
+        open_model_checkpoints(engine_ckpt)
+
+
+def test_engine_rank_directory_must_hold_its_own_rank(engine_ckpt):
+    from sllm_plugin.format.reader import open_model_checkpoints
+
+    edit_index(engine_ckpt / "rank-00001", lambda raw: raw["engine"].update(rank=0))
+    with pytest.raises(FormatError, match="the index of rank 1 of 2 says rank 0 of "
+                                          "tensor_parallel_size 2"):
+        open_model_checkpoints(engine_ckpt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -203,3 +204,196 @@ def test_killed_between_renames_restores_the_old_checkpoint(tiny_model, tmp_path
     with pytest.raises(CheckpointExistsError):
         convert(tiny_model, out, quiet=True)
     assert open_checkpoint(out) and not aside.exists()
+
+
+# -- links, FIFOs and permissions in the source --------------------------------------------
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Turn a hang (an open or read blocked on a FIFO) into a test failure."""
+
+    def expired(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_text("the daemon's private key\n")
+    return path
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_a_side_file_linking_out_of_the_source_is_refused(model_copy, secret, tmp_path):
+    (model_copy / "notes.txt").symlink_to(secret)
+    with pytest.raises(FormatError, match=r"notes.txt: side file \(a symlink\) resolves outside "
+                                          r"the source directory"):
+        convert(model_copy, tmp_path / "out", quiet=True)
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("how", ["outside", "index-shard-outside", "fifo"])
+def test_weight_files_must_be_regular_files_inside_the_source(model_copy, tmp_path, how):
+    shard = sorted(model_copy.glob("*.safetensors"))[0]
+    if how == "fifo":
+        os.mkfifo(model_copy / "model-extra.safetensors")
+        (model_copy / "model.safetensors.index.json").unlink()  # globbed: the FIFO is listed
+        expected = r"model-extra.safetensors: weight file is not a regular file \(a FIFO\)"
+    else:
+        moved = tmp_path / shard.name
+        os.rename(shard, moved)
+        shard.symlink_to(moved)
+        if how == "outside":
+            (model_copy / "model.safetensors.index.json").unlink()
+        expected = rf"{shard.name}: weight file resolves outside the source directory"
+    with deadline(10), pytest.raises(FormatError, match=expected):
+        convert(model_copy, tmp_path / "out", quiet=True)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_links_inside_the_source_are_copied_as_files(model_copy, tmp_path):
+    (model_copy / "shared").mkdir()
+    os.rename(model_copy / "tokenizer.json", model_copy / "shared" / "tokenizer.json")
+    (model_copy / "tokenizer.json").symlink_to("shared/tokenizer.json")
+    os.mkfifo(model_copy / "pipe.txt")  # not a side file: passed over, never opened
+    with deadline(30):
+        out = convert(model_copy, tmp_path / "out", quiet=True)
+    assert not (out / "tokenizer.json").is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == (model_copy / "tokenizer.json").read_bytes()
+    assert not (out / "pipe.txt").exists() and not (out / "shared").exists()
+
+
+def test_a_hub_cache_snapshot_links_into_its_blobs(tiny_model, tiny_model_state, secret,
+                                                   tmp_path):
+    """The hub cache's layout: snapshots/<commit>/<name> -> ../../blobs/<hash>."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--linked"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for i, f in enumerate(sorted(tiny_model.iterdir())):
+        shutil.copyfile(f, repo / "blobs" / f"blob{i:04d}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i:04d}")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = run_cli("convert", "acme/linked", str(tmp_path / "out"), "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    assert_bit_equal(tiny_model_state, load_state_dict(tmp_path / "out", verify=True))
+    config = tmp_path / "out" / "config.json"
+    assert not config.is_symlink() and config.read_bytes() == (tiny_model / "config.json").read_bytes()
+    # A link out of the model's cache directory is refused all the same.
+    (snapshot / "notes.txt").symlink_to(secret)
+    bad = run_cli("convert", "acme/linked", str(tmp_path / "out2"), "--quiet", env=env)
+    assert bad.returncode == 1 and "resolves outside the source directory" in bad.stderr
+    assert_nothing_written(tmp_path / "out2")
+
+
+def test_copy_file_copies_regular_files_only(tmp_path, secret):
+    (tmp_path / "link.txt").symlink_to(secret)
+    os.mkfifo(tmp_path / "fifo.txt")
+    with CheckpointWriter(tmp_path / "out") as writer:
+        writer.add_tensor("w", "uint8", [3], [b"abc"])
+        with pytest.raises(FormatError, match="link.txt: side file is a symbolic link"):
+            writer.copy_file(tmp_path / "link.txt")
+        with deadline(10), pytest.raises(FormatError, match=r"fifo.txt: side file is not a "
+                                                            r"regular file \(a FIFO\)"):
+            writer.copy_file(tmp_path / "fifo.txt")
+        writer.copy_file(secret, "notes.txt")  # a regular file named explicitly is fine
+        out = writer.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["data-00000.bin", "notes.txt",
+                                                     "sllm-index.json"]
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    found = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    return {".": directory.stat().st_mode & 0o777, **found}
+
+
+@pytest.mark.parametrize(("source", "mask", "file", "directory"), [
+    (0o600, 0o022, 0o600, 0o700),  # a private model stays private
+    (0o644, 0o022, 0o644, 0o755),
+    (0o644, 0o077, 0o600, 0o700),  # never more open than the umask either
+], ids=["private", "public", "umask"])
+def test_a_converted_checkpoint_keeps_its_source_permissions(model_copy, tmp_path, source,
+                                                             mask, file, directory):
+    for p in model_copy.iterdir():
+        p.chmod(source)
+    model_copy.chmod(0o700 if source == 0o600 else 0o755)
+    with umask(mask):
+        out = convert(model_copy, tmp_path / "out", quiet=True)
+    found = modes(out)
+    assert found.pop(".") == directory
+    assert found == {name: file for name in found}, found
+    assert "config.json" in found and "data-00000.bin" in found and "sllm-index.json" in found
+
+
+# -- refusing early, and plainly -----------------------------------------------------------
+
+
+def test_converting_onto_an_existing_checkpoint_refuses_before_any_progress(tiny_model,
+                                                                            tmp_path):
+    out = convert(tiny_model, tmp_path / "out", quiet=True)
+    done = run_cli("convert", str(tiny_model), str(out))  # not --quiet: a bar would show
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines() == [
+        f"sllm convert: error: {out} already holds an sllm checkpoint; pass overwrite=True "
+        "(--overwrite) to replace it"]
+
+
+@pytest.mark.parametrize("layout", ["hf", "engine"])
+def test_converting_an_sllm_checkpoint_says_it_already_is_one(tiny_model, tmp_path, layout):
+    from sllm_plugin import save_state_dict
+    from sllm_plugin.format.index import EngineInfo
+
+    if layout == "hf":
+        ckpt = convert(tiny_model, tmp_path / "ck", quiet=True)
+    else:
+        ckpt = tmp_path / "ck"
+        save_state_dict({"w": torch.ones(3)}, ckpt / "rank-00000", layout="engine",
+                        engine=EngineInfo(engine_version="0", tensor_parallel_size=1, rank=0,
+                                          dtype="float32"))
+    done = run_cli("convert", str(ckpt), str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert f"{ckpt} is already an sllm checkpoint ({layout} layout); there is nothing to " \
+           "convert" in done.stderr
+    assert "save_pretrained" not in done.stderr and "%|" not in done.stderr
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_single_file_named_as_the_source_may_be_a_link(tmp_path):
+    """The file named is the caller's choice, as a source directory is."""
+    (tmp_path / "store").mkdir()
+    save_file({"w": torch.arange(6.0)}, tmp_path / "store" / "blob")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.safetensors").symlink_to(tmp_path / "store" / "blob")
+    out = convert(tmp_path / "m" / "w.safetensors", tmp_path / "out", quiet=True)
+    assert torch.equal(load_state_dict(out)["w"], torch.arange(6.0))

@@ -99,3 +99,49 @@ def test_verify_names_the_corrupt_tensor(tmp_path, fill):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(FormatError, match=r"corrupt tensor\(s\): 'proj.bias'"):
         fill(path, live_state(TinyNet(seed=2)), verify=True)
+
+
+@pytest.mark.parametrize("fill", [load_into, map_into], ids=["load_into", "map_into"])
+@pytest.mark.parametrize("head", [(300, torch.float32), (200, torch.bfloat16)],
+                         ids=["other-dtype", "other-shape"])
+def test_an_alias_is_checked_against_the_model_like_any_name(tmp_path, fill, head):
+    """head.weight is stored as an alias of emb.weight: the model's head.weight must fit it."""
+    _, path = saved(TinyNet(seed=1), tmp_path / "ck")
+    model = TinyNet(seed=2, tie=False)
+    rows, dtype = head
+    model.head = nn.Linear(48, rows, bias=False, dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = str(dtype).removeprefix("torch.")
+    with pytest.raises(FormatError, match=(
+            rf"'head.weight' \(an alias of 'emb.weight'\): checkpoint has bfloat16 \[300, 48\], "
+            rf"the model expects {want} \[{rows}, 48\]")):
+        fill(path, live_state(model))
+    assert_bit_equal(before, model.state_dict())
+    assert model.head.weight.dtype == dtype and model.head.weight.shape == (rows, 48)
+
+
+@pytest.mark.parametrize("fill", [load_into, map_into], ids=["load_into", "map_into"])
+def test_verify_catches_swapped_same_size_tensors(tmp_path, fill):
+    """An index swapping two same-size tensors' offsets passes every chunk checksum."""
+    import json
+
+    from conftest import edit_index
+
+    model = TinyNet(seed=1, tie=False)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(300, 48))  # emb.weight and head.weight: same size
+    _, path = saved(model, tmp_path / "ck")
+
+    def swap(raw):
+        a, b = (next(t for t in raw["tensors"] if t["name"] == n)
+                for n in ("emb.weight", "head.weight"))
+        a["offset"], b["offset"] = b["offset"], a["offset"]
+
+    edit_index(path, swap)
+    assert json.loads((path / "sllm-index.json").read_text())  # still a valid index
+    target = TinyNet(seed=2, tie=False)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(FormatError, match=r"corrupt tensor\(s\): 'emb.weight', 'head.weight'"):
+        fill(path, live_state(target), verify=True)
+    if fill is map_into:  # checked on the mapping before any parameter changed
+        assert_bit_equal(before, target.state_dict())

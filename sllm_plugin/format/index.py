@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from .spec import (
     INDEX_FILENAME,
     LAYOUT_ENGINE,
     LAYOUTS,
+    MAX_INDEX_BYTES,
+    shape_problem,
     tensor_nbytes,
 )
 
@@ -103,26 +106,33 @@ class Index(_Strict):
 
 
 def parse_index(text: str | bytes, where: str = INDEX_FILENAME) -> Index:
-    """Parse and fully validate an index; any problem raises FormatError naming `where`."""
+    """Parse and fully validate an index; any problem raises FormatError naming `where`.
+
+    Nothing else escapes: deep nesting, integers too long for Python's parser, and anything
+    the schema or the semantic checks dislike all become FormatError.
+    """
+    if len(text) > MAX_INDEX_BYTES:
+        raise FormatError(f"{where}: index is {len(text)} bytes, over the {MAX_INDEX_BYTES}-byte "
+                          "limit")
     try:
         raw: Any = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{where}: index is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5000-digit int
+        raise FormatError(f"{where}: index is not valid JSON: {_clip(e)}") from None
     if not isinstance(raw, dict):
         raise FormatError(f"{where}: index must be a JSON object, got {type(raw).__name__}")
     # Version first: a newer file may legitimately have fields this reader does not know.
     if raw.get("format") != FORMAT_NAME:
-        raise FormatError(f"{where}: not an sllm index (format={raw.get('format')!r})")
+        raise FormatError(f"{where}: not an sllm index (format={_clip(raw.get('format'))})")
     version = raw.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise FormatError(f"{where}: missing or non-integer format version ({version!r})")
+        raise FormatError(f"{where}: missing or non-integer format version ({_clip(version)})")
     if version > FORMAT_VERSION:
         raise FormatError(
-            f"{where}: format version {version} is newer than this reader supports "
+            f"{where}: format version {_clip(version)} is newer than this reader supports "
             f"({FORMAT_VERSION}); upgrade sllm_plugin"
         )
     if version < 1:
-        raise FormatError(f"{where}: invalid format version {version}")
+        raise FormatError(f"{where}: invalid format version {_clip(version)}")
     try:
         index = Index.model_validate_json(text)
     except ValidationError as e:
@@ -131,22 +141,43 @@ def parse_index(text: str | bytes, where: str = INDEX_FILENAME) -> Index:
     return index
 
 
+def quote(value: Any) -> str:
+    """A name or shape quoted for an error message, at most 100 characters."""
+    return _clip(value, 100)
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """A bounded repr for error messages: an index may hold megabytes in one field."""
+    try:
+        text = repr(value) if not isinstance(value, BaseException) else str(value)
+    except (ValueError, RecursionError):  # a 5000-digit int, a 1000-deep list
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(error: ValidationError, raw: dict) -> str:
-    """One line per problem, naming the tensor or file by name rather than by list position."""
+    """One line per problem (the first ten), naming the tensor or file rather than its index."""
     parts = []
-    for err in error.errors():
+    errors = error.errors()
+    for err in errors[:10]:
         loc = [str(p) for p in err["loc"]]
         if len(loc) >= 2 and loc[0] in ("tensors", "files") and loc[1].isdigit():
             with contextlib.suppress(KeyError, IndexError, TypeError):
-                loc[1] = repr(raw[loc[0]][int(loc[1])]["name"])
-        parts.append(f"{'.'.join(loc)}: {err['msg']} (got {err.get('input')!r:.60})")
+                loc[1] = _clip(raw[loc[0]][int(loc[1])]["name"])
+        parts.append(f"{'.'.join(loc)[:200]}: {err['msg']} (got {_clip(err.get('input'))})")
+    if len(errors) > 10:
+        parts.append(f"and {len(errors) - 10} more")
     return "; ".join(parts)
 
 
 def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
-    """Semantic checks: names, dtypes, extents, overlaps, chunk tables, aliases."""
+    """Semantic checks: names, dtypes, shapes, extents, overlaps, chunk tables, aliases.
+
+    Messages quote names through `_q` (clipped): a hostile index may hold megabyte names.
+    """
     if index.layout not in LAYOUTS:
-        raise FormatError(f"{where}: unknown layout {index.layout!r} (expected one of {LAYOUTS})")
+        raise FormatError(f"{where}: unknown layout {quote(index.layout)} "
+                          f"(expected one of {LAYOUTS})")
     if (index.layout == LAYOUT_ENGINE) != (index.engine is not None):
         raise FormatError(f"{where}: the 'engine' section is required for layout 'engine' "
                           "and only for it")
@@ -156,7 +187,7 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
     if index.alignment != ALIGNMENT:
         raise FormatError(f"{where}: alignment {index.alignment} is not {ALIGNMENT}")
     if index.checksum.algorithm != CHECKSUM_ALGORITHM:
-        raise FormatError(f"{where}: unknown checksum algorithm {index.checksum.algorithm!r}")
+        raise FormatError(f"{where}: unknown checksum algorithm {quote(index.checksum.algorithm)}")
     chunk = index.checksum.chunk_bytes
     if chunk % ALIGNMENT:
         raise FormatError(f"{where}: checksum chunk_bytes {chunk} is not a multiple of {ALIGNMENT}")
@@ -165,50 +196,53 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
 
     files: dict[str, DataFile] = {}
     for f in index.files:
+        name = quote(f.name)
         if not DATA_FILE_PATTERN.fullmatch(f.name):
-            raise FormatError(f"{where}: illegal data file name {f.name!r} (must be a plain name)")
+            raise FormatError(f"{where}: illegal data file name {name} (must be a plain name)")
         if f.name in files:
-            raise FormatError(f"{where}: data file {f.name!r} listed twice")
+            raise FormatError(f"{where}: data file {name} listed twice")
         if f.bytes % ALIGNMENT:
-            raise FormatError(f"{where}: data file {f.name!r} size {f.bytes} is not 4 KiB-aligned")
+            raise FormatError(f"{where}: data file {name} size {f.bytes} is not 4 KiB-aligned")
         expected_chunks = -(-f.bytes // chunk)
         if len(f.checksums) != expected_chunks:
             raise FormatError(
-                f"{where}: data file {f.name!r} has {len(f.checksums)} checksums, expected "
+                f"{where}: data file {name} has {len(f.checksums)} checksums, expected "
                 f"{expected_chunks} ({f.bytes} bytes / {chunk}-byte chunks)"
             )
         for c in f.checksums:
             if not _is_checksum(c):
-                raise FormatError(f"{where}: data file {f.name!r}: malformed checksum {c!r}")
+                raise FormatError(f"{where}: data file {name}: malformed checksum {quote(c)}")
         files[f.name] = f
 
     seen: set[str] = set()
     extents: dict[str, list[tuple[int, int, str]]] = {name: [] for name in files}
     for t in index.tensors:
+        name = quote(t.name)
         if not t.name:
             raise FormatError(f"{where}: a tensor has an empty name")
         if t.name in seen:
-            raise FormatError(f"{where}: tensor {t.name!r} listed twice")
+            raise FormatError(f"{where}: tensor {name} listed twice")
         seen.add(t.name)
         if not _is_checksum(t.checksum):
-            raise FormatError(f"{where}: tensor {t.name!r}: malformed checksum {t.checksum!r}")
+            raise FormatError(f"{where}: tensor {name}: malformed checksum {quote(t.checksum)}")
         if t.dtype not in DTYPE_ITEMSIZE:
-            raise FormatError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}")
-        if any(d < 0 for d in t.shape):
-            raise FormatError(f"{where}: tensor {t.name!r} has a negative dimension {t.shape}")
+            raise FormatError(f"{where}: tensor {name} has unknown dtype {quote(t.dtype)}")
+        problem = shape_problem(t.shape)
+        if problem:
+            raise FormatError(f"{where}: tensor {name} has {problem} {quote(t.shape)}")
         if t.file not in files:
-            raise FormatError(f"{where}: tensor {t.name!r} refers to unlisted file {t.file!r}")
+            raise FormatError(f"{where}: tensor {name} refers to unlisted file {quote(t.file)}")
         expected = tensor_nbytes(t.dtype, t.shape)
         if t.bytes != expected:
             raise FormatError(
-                f"{where}: tensor {t.name!r}: {t.bytes} bytes recorded but dtype {t.dtype} and "
-                f"shape {t.shape} need {expected}"
+                f"{where}: tensor {name}: {t.bytes} bytes recorded but dtype {t.dtype} and "
+                f"shape {quote(t.shape)} need {expected}"
             )
         if t.offset % ALIGNMENT:
-            raise FormatError(f"{where}: tensor {t.name!r} offset {t.offset} is not 4 KiB-aligned")
+            raise FormatError(f"{where}: tensor {name} offset {t.offset} is not 4 KiB-aligned")
         if t.offset + t.bytes > files[t.file].bytes:
             raise FormatError(
-                f"{where}: tensor {t.name!r} extent [{t.offset}, {t.offset + t.bytes}) lies "
+                f"{where}: tensor {name} extent [{t.offset}, {t.offset + t.bytes}) lies "
                 f"outside {t.file!r} ({files[t.file].bytes} bytes)"
             )
         if t.bytes:
@@ -218,16 +252,17 @@ def check_index(index: Index, where: str = INDEX_FILENAME) -> None:
         for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:], strict=False):
             if start_b < end_a:
                 raise FormatError(
-                    f"{where}: tensors {name_a!r} and {name_b!r} overlap in {fname!r}"
+                    f"{where}: tensors {quote(name_a)} and {quote(name_b)} overlap in {fname!r}"
                 )
 
     for alias, target in index.aliases.items():
         if not alias:
             raise FormatError(f"{where}: an alias has an empty name")
         if alias in seen:
-            raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
+            raise FormatError(f"{where}: alias {quote(alias)} is also a stored tensor")
         if target not in seen:
-            raise FormatError(f"{where}: alias {alias!r} points to unknown tensor {target!r}")
+            raise FormatError(f"{where}: alias {quote(alias)} points to unknown tensor "
+                              f"{quote(target)}")
 
 
 def _is_checksum(text: str) -> bool:
@@ -235,9 +270,14 @@ def _is_checksum(text: str) -> bool:
 
 
 def read_index_file(checkpoint_dir: str | Path) -> Index:
+    """Read and validate `checkpoint_dir`'s index. The index must be a regular file of at most
+    MAX_INDEX_BYTES; a symlink is followed only to a file inside the checkpoint directory.
+    Raises FormatError and nothing else."""
+    from .safefs import read_regular, real_directory
+
     path = Path(checkpoint_dir) / INDEX_FILENAME
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no sllm index here; is this an sllm checkpoint?") from None
+    if not os.path.lexists(path):
+        raise FormatError(f"{path}: no sllm index here; is this an sllm checkpoint?")
+    root = real_directory(checkpoint_dir, "checkpoint directory")
+    text = read_regular(path, "index file", MAX_INDEX_BYTES, root=root)
     return parse_index(text, str(path))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FormatError
-from .spec import DTYPE_ITEMSIZE, tensor_nbytes
+from .safefs import open_file
+from .spec import DTYPE_ITEMSIZE, shape_problem, tensor_nbytes
 
 #: safetensors dtype code -> our (torch) dtype name.
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -53,10 +54,11 @@ class SafetensorsTensor:
 
 
 def read_safetensors_header(path: str | Path) -> tuple[list[SafetensorsTensor], dict[str, str]]:
-    """Tensors of one .safetensors file in file order, and its metadata. Raises FormatError."""
+    """Tensors of one .safetensors file in file order, and its metadata. Raises FormatError
+    for anything malformed (types included), and never blocks on a FIFO."""
     path = Path(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with os.fdopen(open_file(path, "weight file"), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(f"{path}: too short to be a safetensors file")
@@ -66,28 +68,37 @@ def read_safetensors_header(path: str | Path) -> tuple[list[SafetensorsTensor], 
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, a huge integer
+        raise FormatError(f"{path}: safetensors header is not valid JSON: "
+                          f"{str(e)[:100]}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{path}: safetensors __metadata__ is not a JSON object")
     data_start = 8 + header_len
     tensors = []
     for name, entry in header.items():
+        shown = repr(name[:100])
         try:
             code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise FormatError(f"{path}: tensor {name!r}: malformed header entry") from None
-        if code not in SAFETENSORS_DTYPES:
-            raise FormatError(f"{path}: tensor {name!r}: unsupported safetensors dtype {code!r}")
+            raise FormatError(f"{path}: tensor {shown}: malformed header entry") from None
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+            raise FormatError(f"{path}: tensor {shown}: unsupported safetensors dtype "
+                              f"{str(code)[:20]!r}")
         dtype = SAFETENSORS_DTYPES[code]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise FormatError(f"{path}: tensor {name!r}: invalid shape {shape}")
+        if (not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or shape_problem(shape)):
+            raise FormatError(f"{path}: tensor {shown}: invalid shape {str(shape)[:100]}")
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in (begin, end)):
+            raise FormatError(f"{path}: tensor {shown}: data_offsets must be integers")
         nbytes = tensor_nbytes(dtype, shape)
         if end - begin != nbytes or begin < 0 or data_start + end > size:
             raise FormatError(
-                f"{path}: tensor {name!r}: data_offsets [{begin}, {end}) do not fit dtype {code} "
-                f"shape {shape} in a file of {size} bytes"
+                f"{path}: tensor {shown}: data_offsets [{begin}, {end}) do not fit dtype {code} "
+                f"shape {str(shape)[:100]} in a file of {size} bytes"
             )
         tensors.append(SafetensorsTensor(name, dtype, tuple(shape), data_start + begin, nbytes))
     tensors.sort(key=lambda t: t.start)

@@ -29,6 +29,16 @@ LAYOUTS = (LAYOUT_HF, LAYOUT_ENGINE)
 #: An engine-layout checkpoint holds one complete checkpoint per tensor-parallel rank here.
 ENGINE_RANK_DIR = "rank-{rank:05d}"
 
+#: The largest index a reader accepts (and a writer writes). Real indexes are far smaller (about
+#: 300 bytes per tensor: 200k tensors fit); the cap bounds the memory a hostile index can make
+#: the JSON parser and the schema allocate before anything is checked.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+#: Every dimension, and the product of the non-zero dimensions, must be below this: torch keeps
+#: sizes, strides and element counts in int64 and fails (with RuntimeError or OverflowError,
+#: not a format error) on a shape it cannot represent, even an empty one.
+MAX_ELEMENTS = 2**63
+
 #: A data file name (matched whole): no directory part, no leading dot, ends in ".bin", nothing
 #: a shell or a path join could reinterpret. Checked before any file is opened.
 DATA_FILE_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,250}\.bin")
@@ -68,6 +78,18 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
+
+
+def shape_problem(shape: tuple[int, ...] | list[int]) -> str | None:
+    """Why torch could not hold a tensor of this shape (None: it can). Checked before any view."""
+    product = 1
+    for dim in shape:
+        if dim < 0:
+            return "a negative dimension"
+        product *= max(dim, 1)
+        if product >= MAX_ELEMENTS:
+            return "too many elements for torch (the non-zero dimensions multiply to 2**63 or more)"
+    return None
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:

@@ -23,6 +23,7 @@ from .. import __version__
 from .errors import CheckpointExistsError, CheckpointWriteError, FormatError
 from .index import DataFile, EngineInfo, Index, Source, TensorEntry, check_index
 from .reader import is_checkpoint, is_engine_checkpoint
+from .safefs import open_regular
 from .spec import (
     ALIGNMENT,
     CHECKSUM_ALGORITHM,
@@ -33,6 +34,7 @@ from .spec import (
     FORMAT_VERSION,
     INDEX_FILENAME,
     LAYOUT_HF,
+    MAX_INDEX_BYTES,
     align_up,
     data_file_name,
     tensor_nbytes,
@@ -46,15 +48,44 @@ Buffer = bytes | bytearray | memoryview
 _ZEROS = bytes(ALIGNMENT)
 _STAGING_TAG = ".sllm-tmp-"
 _OLD_TAG = ".sllm-old-"
+_COPY_BLOCK = 16 * 1024 * 1024
+#: New files: never through a link, never an existing file (staging is ours alone).
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_file(path: Path, mode: int = 0o666) -> BinaryIO:
+    """A new file for writing with permission bits `mode` (less the umask), O_EXCL|O_NOFOLLOW."""
+    fd = os.open(path, _CREATE, mode)
+    return os.fdopen(fd, "wb")
+
+
+def copy_regular_file(source: Path, target: Path, *, root: Path | None = None) -> int:
+    """Copy a regular file's bytes and permission bits (less the umask) into a new `target`,
+    fsynced; returns the bytes copied. Never through a link (a symlink is followed only to a
+    regular file inside `root`), never from a FIFO or a device: FormatError names the file.
+    """
+    fd = open_regular(source, "side file", root=root, container="the source directory")
+    try:
+        mode = os.fstat(fd).st_mode & 0o777 | 0o600
+        with os.fdopen(fd, "rb", closefd=False) as fin, create_file(target, mode) as fout:
+            copied = 0
+            while block := fin.read(_COPY_BLOCK):
+                fout.write(block)
+                copied += len(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        return copied
+    finally:
+        os.close(fd)
 
 
 class _DataFileWriter:
     """One data file: appends bytes, pads to alignment, and checksums each chunk as it goes."""
 
-    def __init__(self, path: Path, chunk_bytes: int) -> None:
+    def __init__(self, path: Path, chunk_bytes: int, mode: int = 0o666) -> None:
         self.path = path
         self.chunk_bytes = chunk_bytes
-        self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.file: BinaryIO = create_file(path, mode)
         self.pos = 0
         self.checksums: list[str] = []
         self._hasher = xxhash.xxh3_64()
@@ -135,14 +166,15 @@ def check_destination(destination: Path, overwrite: bool) -> None:
         )
 
 
-def new_staging_dir(destination: Path) -> Path:
-    """A hidden sibling of `destination` to build it in; see recover_destination."""
+def new_staging_dir(destination: Path, mode: int = 0o777) -> Path:
+    """A hidden sibling of `destination` to build it in, with permission bits `mode` (less the
+    umask), which the checkpoint keeps; see recover_destination."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     recover_destination(destination)
     staging = destination.parent / (
         f".{destination.name}{_STAGING_TAG}{os.getpid()}-{secrets.token_hex(4)}"
     )
-    staging.mkdir()
+    staging.mkdir(mode=mode)
     return staging
 
 
@@ -205,7 +237,12 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = None,
         expected_bytes: int | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        file_mode: int = 0o666,
+        dir_mode: int = 0o777,
     ) -> None:
+        """`file_mode` and `dir_mode` are the permission bits of the data files and index and
+        of the checkpoint directory (less the umask): the converter passes its source's, so a
+        private model stays private."""
         if chunk_bytes <= 0 or chunk_bytes % ALIGNMENT:
             raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
         if partition_bytes < ALIGNMENT:
@@ -224,6 +261,7 @@ class CheckpointWriter:
         self.engine = engine
         self.metadata = dict(metadata or {})
         self._on_bytes = on_bytes
+        self.file_mode = file_mode & 0o666 | 0o600
         self._tensors: list[TensorEntry] = []
         self._names: set[str] = set()
         self._aliases: dict[str, str] = {}
@@ -246,7 +284,7 @@ class CheckpointWriter:
                     f"not enough space to write {self.destination}: needs about "
                     f"{expected_bytes / 1e9:.3f} GB, {free / 1e9:.3f} GB free on that file system",
                 )
-        self.staging = new_staging_dir(self.destination)
+        self.staging = new_staging_dir(self.destination, dir_mode & 0o777 | 0o700)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -291,13 +329,19 @@ class CheckpointWriter:
             raise ValueError(f"tensor {alias!r} added twice")
         self._aliases[alias] = target
 
-    def copy_file(self, source: str | Path, name: str | None = None) -> None:
-        """Copy a side file (config, tokenizer...) into the checkpoint, following symlinks."""
+    def copy_file(self, source: str | Path, name: str | None = None, *,
+                  root: Path | None = None) -> None:
+        """Copy a side file (config, tokenizer...) into the checkpoint with its permission bits.
+
+        Only a regular file is copied, never through a link: a symlink is refused (FormatError)
+        unless `root` is given and it points to a regular file inside that real directory (a
+        hub cache's snapshot links into its blobs); FIFOs and devices are refused unopened.
+        """
         name = name or Path(source).name
-        if name == INDEX_FILENAME or "/" in name or name.startswith("."):
+        if not name or name == INDEX_FILENAME or "/" in name or name.startswith("."):
             raise ValueError(f"refusing to copy a side file named {name!r}")
-        with self._io_errors():
-            shutil.copyfile(source, self.staging / name)
+        with self._io_errors():  # a refused source (FormatError) leaves the writer usable
+            copy_regular_file(Path(source), self.staging / name, root=root)
 
     def commit(self) -> Path:
         """Finish the data, write the index, and move the checkpoint into place atomically."""
@@ -324,13 +368,17 @@ class CheckpointWriter:
                 metadata=self.metadata,
             )
             check_index(index, str(self.destination / INDEX_FILENAME))
+            text = index.to_json().encode()
+            if len(text) > MAX_INDEX_BYTES:
+                raise FormatError(f"{self.destination}: the index would be {len(text)} bytes, "
+                                  f"over the {MAX_INDEX_BYTES}-byte limit readers accept")
             for staged in self.staging.iterdir():
                 if staged.suffix != ".bin":
                     with open(staged, "rb") as fh:
                         os.fsync(fh.fileno())
             index_path = self.staging / INDEX_FILENAME
-            with open(index_path, "w") as fh:
-                fh.write(index.to_json())
+            with create_file(index_path, self.file_mode) as fh:
+                fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             commit_directory(self.staging, self.destination, self.overwrite)
@@ -360,7 +408,8 @@ class CheckpointWriter:
             self._files.append(cur.close())
             cur = None
         if cur is None:
-            cur = _DataFileWriter(self.staging / data_file_name(len(self._files)), self.chunk_bytes)
+            cur = _DataFileWriter(self.staging / data_file_name(len(self._files)),
+                                  self.chunk_bytes, self.file_mode)
             self._current = cur
         return cur
 

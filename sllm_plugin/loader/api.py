@@ -19,6 +19,7 @@ from ..format.errors import FormatError
 from ..format.index import TensorEntry
 from ..format.reader import Checkpoint, open_checkpoint
 from ..format.spec import LAYOUT_ENGINE
+from .checks import InPlaceChecks
 from .dtypes import torch_dtype
 from .host_memory import allocate_host
 from .io_engine import FileSet, read_checked, run_parallel
@@ -90,7 +91,9 @@ def iter_state_dict(
 
     Order follows completion, which is close to index order; tied names (aliases) come right
     after their tensor and are the same tensor object. The checkpoint is validated (index,
-    extents, file sizes) before the first read; `verify` also checks every chunk's checksum.
+    extents, file sizes) before the first read; `verify` also checks every chunk's checksum
+    and every tensor's own checksum (so an index pointing at the wrong bytes is caught), on
+    the bytes as they land, before the tensor is yielded.
     """
     yield from _iter_checkpoint(open_checkpoint(path), device, threads=threads,
                                 direct_io=direct_io, verify=verify, chunk_bytes=chunk_bytes,
@@ -146,9 +149,12 @@ def _iter_checkpoint(
             base = buffer.data_ptr()
             prefaulter = Prefaulter(base, plan.units)
             stack.callback(prefaulter.close)
+            checks = InPlaceChecks(ckpt, plan, base) if verify else None
 
             def work(_worker: int, i: int, unit: ReadUnit) -> None:
                 read_checked(files, ckpt, unit, base + unit.dest, fresh=prefaulter.claim(i))
+                if checks is not None:  # before the unit counts as landed: nothing unchecked
+                    checks.landed(i)  # is handed out
 
             completed = run_parallel(plan.units, threads, work)
 
@@ -158,7 +164,8 @@ def _iter_checkpoint(
         elif device.type == "cuda":
             from .cuda import load_units_to_cuda
 
-            buffer, completed = load_units_to_cuda(ckpt, plan, files, device, threads)
+            buffer, completed = load_units_to_cuda(ckpt, plan, files, device, threads,
+                                                   verify=verify)
 
             def raw(t: TensorEntry) -> torch.Tensor:
                 start = plan.file_base[t.file] + t.offset

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from .plan import ReadUnit
 #: Above this share of pages cached, a file is read through the page cache (memory speed);
 #: below it, with O_DIRECT (disk speed without polluting the cache for other processes).
 RESIDENT_THRESHOLD = 0.5
+
+
+class ShortRead(FormatError):
+    """A data file ended before a unit did (it shrank after validation): no bytes to check."""
 
 
 class FileSet:
@@ -40,8 +45,13 @@ class FileSet:
         self._all_resident = True
         try:
             for name, path in paths.items():
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                # Validated as a regular file already; non-blocking and checked again, so a
+                # FIFO swapped in since cannot hang the load.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
                 self._buffered[name] = fd
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise FormatError(f"{path}: data file is no longer a regular file")
+                os.set_blocking(fd, True)
                 resident = (_fastio.resident_fraction(fd, os.fstat(fd).st_size)
                             >= RESIDENT_THRESHOLD)
                 self._all_resident = self._all_resident and resident
@@ -122,7 +132,8 @@ def _open_direct(path: Path) -> int | None:
 def read_checked(
     files: FileSet, ckpt: Checkpoint, unit: ReadUnit, addr: int, *, fresh: bool = False
 ) -> None:
-    """Read one unit to `addr`; a short read or a checksum mismatch is a FormatError.
+    """Read one unit to `addr`; a short read (ShortRead) or a checksum mismatch is a
+    FormatError.
 
     `fresh`: the destination was never touched, so pre-fault it in one call (see read_chunk).
     """
@@ -130,7 +141,7 @@ def read_checked(
     if n != unit.length:
         hit = ckpt.tensors_in(unit.file, unit.offset + n, unit.offset + unit.length)
         names = ", ".join(repr(t.name) for t in hit[:3]) or "padding"
-        raise FormatError(
+        raise ShortRead(
             f"{files.paths[unit.file]}: data file ended at byte {unit.offset + n}, expected "
             f"{unit.offset + unit.length} (truncated while loading; affects {names})"
         )

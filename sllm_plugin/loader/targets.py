@@ -51,29 +51,35 @@ def live_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_targets(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
-    """Names, shapes and dtypes must match exactly; a mismatch names every offender."""
+    """Names, shapes and dtypes must match exactly; a mismatch names every offender.
+
+    An alias is checked like every other name, against the stored tensor it stands for: the
+    model's tensor under the alias name must have that tensor's shape and dtype too (filling
+    it would otherwise cast or broadcast, and mapping it would change its shape and dtype).
+    """
     index = ckpt.index
     stored = {t.name: t for t in index.tensors}
-    names = set(stored) | set(index.aliases)
-    missing = sorted(set(targets) - names)
-    unexpected = sorted(names - set(targets))
+    entries = {**stored, **{alias: stored[target] for alias, target in index.aliases.items()}}
+    missing = sorted(set(targets) - set(entries))
+    unexpected = sorted(set(entries) - set(targets))
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {missing[:10]}")
     if unexpected:
         problems.append(f"not in the model: {unexpected[:10]}")
-    for name, entry in stored.items():
+    for name, entry in entries.items():
         target = targets.get(name)
         if target is None:
             continue
+        what = repr(name) if name in stored else f"{name!r} (an alias of {entry.name!r})"
         want_dtype = str(target.dtype).removeprefix("torch.")
         if list(target.shape) != entry.shape or want_dtype != entry.dtype:
             problems.append(
-                f"{name!r}: checkpoint has {entry.dtype} {entry.shape}, the model expects "
+                f"{what}: checkpoint has {entry.dtype} {entry.shape}, the model expects "
                 f"{want_dtype} {list(target.shape)}"
             )
         elif not target.is_contiguous():
-            problems.append(f"{name!r}: the model's tensor is not contiguous")
+            problems.append(f"{what}: the model's tensor is not contiguous")
     if problems:
         raise FormatError(f"{ckpt.directory}: checkpoint does not fit the model: "
                           + "; ".join(problems))
@@ -174,14 +180,15 @@ def map_into(
     for entry in ckpt.index.tensors:
         raw = maps[entry.file][entry.offset : entry.offset + entry.bytes]
         views[entry.name] = raw.view(torch_dtype(entry.dtype, tensor=entry.name)).view(entry.shape)
-        targets[entry.name].data = views[entry.name]
+    if verify:  # on the mapped bytes, before any parameter changes
+        _check_in_place(ckpt, views)
+    for name, view in views.items():
+        targets[name].data = view
     # A tied pair the model keeps as two tensors gets its own copy: sharing one mapping would
     # let an in-place change of one silently change the other.
     for alias, target in ckpt.index.aliases.items():
         if targets[alias] is not targets[target]:
             targets[alias].data = views[target].clone()
-    if verify:
-        _check_in_place(ckpt, targets)
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -213,11 +220,12 @@ def _read_to_host(files: FileSet, ckpt: Checkpoint, units: list[_TargetUnit],
         pass
 
 
-def _check_in_place(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
+def _check_in_place(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every stored tensor's own checksum, over `tensors[name]`'s memory (CPU)."""
     from .. import _fastio
 
     bad = [t.name for t in ckpt.index.tensors
-           if f"{_fastio.xxh3_64(targets[t.name].data_ptr(), t.bytes):016x}" != t.checksum]
+           if f"{_fastio.xxh3_64(tensors[t.name].data_ptr(), t.bytes):016x}" != t.checksum]
     if bad:
         raise FormatError(f"{ckpt.directory}: checksum mismatch; corrupt tensor(s): "
                           + ", ".join(repr(n) for n in bad[:10]))

@@ -12,10 +12,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..format.convert import resolve_source, side_files
+from ..format.convert import resolve_source, side_files, source_root
 from ..format.errors import FormatError
 from ..format.reader import is_checkpoint, open_checkpoint
-from ..format.writer import check_destination, commit_directory, new_staging_dir
+from ..format.writer import (
+    check_destination,
+    commit_directory,
+    copy_regular_file,
+    new_staging_dir,
+)
 from .resolve import rank_dir
 
 
@@ -46,10 +51,14 @@ def save_vllm(
         for rank in range(tensor_parallel_size):
             open_checkpoint(rank_dir(staging, rank))  # every rank wrote a valid checkpoint
         src = Path(model)
-        sides = (side_files(src) if src.is_dir() or is_checkpoint(src)
-                 else resolve_source(model).side_files)
-        for side in sides:
-            shutil.copyfile(side, staging / side.name)
+        if src.is_dir() or is_checkpoint(src):
+            root = source_root(src)
+            sides = side_files(src, root)
+        else:
+            resolved = resolve_source(model)
+            root, sides = resolved.root, resolved.side_files
+        for side in sides:  # regular files only, never through a link out of the source
+            copy_regular_file(side, staging / side.name, root=root)
         commit_directory(staging, destination, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
