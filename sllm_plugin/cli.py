@@ -165,11 +165,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from .store.hugetmpfs import HugeTmpfsError
     from .store.node import NodeError
     from .store.statedir import StateDirError
+    from .store.tiers import TierError
     from .tokens import TokenError
 
     try:
         node = Node(config)
-    except (HugeTmpfsError, NodeError, StateDirError, TokenError) as e:
+    except (HugeTmpfsError, NodeError, StateDirError, TierError, TokenError) as e:
         print(f"sllm node: error: {e}", file=sys.stderr)
         return 2
     node.start(calibrate=not args.no_calibrate)

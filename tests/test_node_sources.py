@@ -311,11 +311,25 @@ def test_the_node_answers_bad_sources_with_a_json_422_that_quotes_nothing(tmp_pa
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}})
     (strings / "model.safetensors").write_bytes(
         len(header).to_bytes(8, "little") + header.encode() + bytes(4))
+    stop = threading.Event()
     with HostileServer() as server:
         expected = _secret_pages(server, good)
+        server.routes[f"/drip/{INDEX_FILENAME}"] = drip(server, 10**6, stop=stop)
         config = {"dram": None, "ssd": {"path": str(tmp_path / "ssd"), "capacity": 1 << 30},
-                  "calibration_bytes": 16 * MiB}
+                  "calibration_bytes": 16 * MiB, "fetch": {"index_deadline_s": 1.5}}
         with NodeDaemon(tmp_path, config) as node:
+            # The configured deadline reaches the fetch: a dripping index ends in a 504.
+            node.ok("POST", "/models", {"name": "bad/drip", "source": f"{server.url}/drip"})
+            r = node.call("POST", "/prefetch", {"model": "bad/drip", "wait": True,
+                                                "timeout_s": 60})
+            stop.set()
+            assert r.status_code == 504, r.text
+            assert "fetching the index not finished within 1.5 s" in r.json()["error"]["message"]
+            # Credentials in a URL source are refused at once and never quoted back.
+            r = node.call("POST", "/models", {"name": "bad/creds",
+                                              "source": f"http://user:{SECRET}@{server.url[7:]}/m"})
+            assert r.status_code == 400 and "may not carry credentials" in r.text, r.text
+            assert SECRET not in r.text
             sources = {f"bad/{p}": f"{server.url}/{p}" for p in expected}
             sources |= {"bad/truncated": str(truncated), "bad/strings": str(strings)}
             expected |= {"truncated": "too short to be a safetensors file",

@@ -97,12 +97,13 @@ def test_sllm_node_will_not_start_on_a_dram_tier_someone_else_created_in_dev_shm
                   "calibration_bytes": 16 * MiB}
         node = NodeDaemon(tmp_path, config)
         try:
-            with pytest.raises(RuntimeError, match="node exited with"):
+            with pytest.raises(RuntimeError, match="node exited with 2"):
                 node.start(timeout=120)
         finally:
             node.stop()
         log = node.log_path.read_text()
-        assert f"the dram tier {planted} {reason}" in log, log[-3000:]
+        assert f"sllm node: error: the dram tier {planted} {reason}" in log, log[-3000:]
+        assert "Traceback" not in log
     finally:
         shutil.rmtree(planted, ignore_errors=True)
 

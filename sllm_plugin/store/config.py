@@ -45,6 +45,24 @@ class ModelEntry(_Strict):
     replica_args: list[str] = Field(default_factory=list,
                                     description="extra vLLM flags for this model's replicas")
 
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, source: str) -> str:
+        from .sources import check_url_source
+
+        check_url_source(source)  # a SourceError is a ValueError: a validation error
+        return source
+
+
+class FetchConfig(_Strict):
+    """What fetching a URL source may cost (see store.sources.FetchLimits)."""
+
+    deadline_s: float = Field(3600.0, gt=0, description="a whole download, every file")
+    index_deadline_s: float = Field(60.0, gt=0, description="fetching the index(es)")
+    index_bytes: ByteSize = Field(ByteSize(64 * 1024**2), description="every index together")
+    side_file_bytes: ByteSize = Field(ByteSize(64 * 1024**2),
+                                      description="each config or tokenizer file")
+
 
 class NodeConfig(_Strict):
     host: str = "127.0.0.1"
@@ -72,6 +90,7 @@ class NodeConfig(_Strict):
     promote_on_start: bool = True
     remote_bandwidth_gbps: float | None = Field(
         default=None, description="first guess for remote fetches, until one is measured")
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @field_validator("models")

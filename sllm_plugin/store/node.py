@@ -26,7 +26,13 @@ from .jobs import Job, TierQueue
 from .names import check_model_name
 from .replicaargs import ReplicaArgsError, check_api_args
 from .replicas import Device, Launcher, Replica, ReplicaError, detect_devices, parse_device
-from .sources import SourceError, copy_checkpoint, resolve_fetch
+from .sources import (
+    FetchLimits,
+    SourceError,
+    check_url_source,
+    copy_checkpoint,
+    resolve_fetch,
+)
 from .statedir import StateLock, private_dir, read_private, remove_stale_temporaries, write_atomic
 from .tiers import NotInTier, Tier, TierError
 
@@ -129,6 +135,10 @@ class Node:
         """Register (or replace) a model through the API: its flags must pass the allowlist."""
         check_model_name(name)
         _check_args(replica_args or [], "replica_args")
+        try:
+            check_url_source(source)
+        except SourceError as e:
+            raise NodeError(str(e), 400) from None
         entry = ModelEntry(source=source, revision=revision, replica_args=replica_args or [])
         with self._lock:
             self.models[name] = entry
@@ -228,10 +238,13 @@ class Node:
 
     def _resolve(self, name: str, entry: ModelEntry):
         try:
-            return resolve_fetch(entry.source, entry.revision)
+            f = self.config.fetch
+            return resolve_fetch(entry.source, entry.revision, FetchLimits(
+                deadline_s=f.deadline_s, index_deadline_s=f.index_deadline_s,
+                index_bytes=int(f.index_bytes), side_file_bytes=int(f.side_file_bytes)))
         except SourceError as e:
             raise NodeError(f"{name}: source {public_source(entry.source)!r} cannot be used: {e}",
-                            422) from None
+                            getattr(e, "status", 422)) from None
 
     def _promote(self, name: str) -> Job:
         ssd, dram = self.tiers["ssd"], self.tiers["dram"]

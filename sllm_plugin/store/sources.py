@@ -285,9 +285,22 @@ class _Origin:
         return f"{scheme}://{host}:{port}"
 
 
+def check_url_source(source: str) -> None:
+    """Refuse a URL source that carries credentials (`user:password@host`), without quoting
+    it: the source is kept in the registry and named in status, jobs and errors, which a
+    secret must never be. Other sources pass."""
+    if not source.startswith(("http://", "https://")):
+        return
+    netloc = source.split("://", 1)[1].split("/", 1)[0]
+    if "@" in netloc:
+        raise SourceError("a URL source may not carry credentials (user:password@host): it "
+                          "is kept and shown as it is; serve the checkpoint without them")
+
+
 def _url_fetch(url: str, limits: FetchLimits) -> Fetch:
     import httpx
 
+    check_url_source(url)
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
