@@ -109,10 +109,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for err in report.errors:
         print(err, file=sys.stderr)
     if not report.ok:
-        print(f"{args.path}: CORRUPT: {len(report.errors)} of {report.chunks} chunks failed",
-              file=sys.stderr)
+        what = []
+        if report.bad_chunks:
+            what.append(f"{report.bad_chunks} of {report.chunks} chunks failed")
+        if report.bad_tensors:
+            what.append(f"{len(report.bad_tensors)} tensor(s) whose chunks pass fail their own "
+                        "checksum")
+        print(f"{args.path}: CORRUPT: {'; '.join(what)}", file=sys.stderr)
         return EXIT_FORMAT
-    print(f"{args.path}: OK: {report.chunks} chunks, {report.bytes / 1e9:.3f} GB verified in "
+    print(f"{args.path}: OK: {report.chunks} chunks and every tensor's checksum, "
+          f"{report.bytes / 1e9:.3f} GB verified in "
           f"{report.seconds:.2f} s ({report.bytes / 1e9 / max(report.seconds, 1e-9):.2f} GB/s)")
     return 0
 
