@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from sllm_plugin.tokens import local_node_token
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -70,6 +72,9 @@ class Daemon:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)  # polling interval
+        # The daemon made its token in its state directory (none was configured).
+        token = local_node_token(workdir / "node-state")
+        self.client.headers["Authorization"] = f"Bearer {token}"
 
     def post(self, path: str, body: dict) -> dict:
         r = self.client.post(path, json=body)
