@@ -407,3 +407,26 @@ def test_a_bad_value_is_not_buried_under_the_list_of_valid_keys(tmp_path):
                                           r"revision, replica_args\)"):
         load_config(None, models={"org/m": {"source": "x", "nope": 1}},
                     **{"ssd.path": str(tmp_path)})
+
+
+def test_a_cpu_replica_nobody_sized_gets_a_small_kv_cache_others_keep_theirs(tmp_path,
+                                                                           monkeypatch):
+    """vLLM's CPU default (0.92 of the NUMA node) fails where the node is smaller than the
+    machine; the operator's or the caller's sizing always wins."""
+    from sllm_plugin.store.replicas import CPU_KV_CACHE_GIB, Launcher, Replica, parse_device
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cpu = Replica(model="org/m", devices=[parse_device("cpu:0")])
+    gpu = Replica(model="org/m", devices=[parse_device("cuda:0")])
+
+    def env(replica, argv=(), configured=None):
+        launcher = Launcher(["true"], [], configured or {}, tmp_path / "logs", 1, 1)
+        return launcher.environment(replica, list(argv)).get("VLLM_CPU_KVCACHE_SPACE")
+
+    assert env(cpu) == str(CPU_KV_CACHE_GIB)
+    assert env(cpu, configured={"VLLM_CPU_KVCACHE_SPACE": "8"}) == "8"
+    assert env(cpu, ["--gpu-memory-utilization", "0.5"]) is None
+    assert env(cpu, ["--kv-cache-memory-bytes=2G"]) is None
+    assert env(gpu) is None
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert env(cpu) == "3"

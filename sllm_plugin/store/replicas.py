@@ -175,6 +175,11 @@ def stderr_tail(replica: Replica, lines: int = 15) -> str:
     return "\n".join(list(replica.tail)[-lines:])
 
 
+#: GiB of KV cache for a CPU replica that nothing else sizes (see Launcher.environment).
+CPU_KV_CACHE_GIB = 1
+_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
 class Launcher:
     """Starts replica processes and watches them until they end."""
 
@@ -203,7 +208,13 @@ class Launcher:
             own += ["--tensor-parallel-size", str(len(cuda))]
         return [*self.command, *untrusted, *self.base_args, *trusted, *own]
 
-    def environment(self, replica: Replica) -> dict[str, str]:
+    def environment(self, replica: Replica, argv: list[str] | None = None) -> dict[str, str]:
+        """The replica's environment: the daemon's, the configured `replica_env`, and its
+        devices. A CPU replica whose memory nobody sized (no VLLM_CPU_KVCACHE_SPACE, no
+        --kv-cache-memory-bytes or --gpu-memory-utilization in `argv`) gets a KV cache of
+        CPU_KV_CACHE_GIB: vLLM's CPU default reserves 0.92 of the NUMA node's memory for one
+        replica, which fails outright where the node is smaller than the machine (a 24 GiB
+        VM whose node 0 reports 16 GiB) and leaves nothing for a second replica."""
         env = {**os.environ, **self.env}
         cuda = [d.spec for d in replica.devices if d.kind == "cuda"]
         cpus = [d.spec for d in replica.devices if d.kind == "cpu"]
@@ -211,6 +222,9 @@ class Launcher:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
         if cpus:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cpus)
+            sized = any(a.split("=", 1)[0] in _MEMORY_FLAGS for a in argv or [])
+            if not sized and not env.get("VLLM_CPU_KVCACHE_SPACE"):
+                env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KV_CACHE_GIB)
         return env
 
     def launch(self, replica: Replica, untrusted: list[str], trusted: list[str]) -> None:
@@ -228,7 +242,7 @@ class Launcher:
             with children_confined_to(cpu_cores(replica.devices)):
                 replica.process = subprocess.Popen(
                     argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=self.environment(replica),
+                    stdin=subprocess.DEVNULL, env=self.environment(replica, argv),
                     start_new_session=True, text=True, bufsize=1, errors="replace")
         except ReplicaError:
             log.close()
