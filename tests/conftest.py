@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,22 @@ def edit_index(checkpoint: Path, edit) -> None:
     raw = json.loads(path.read_text())
     edit(raw)
     path.write_text(json.dumps(raw))
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """A hang (an open or read blocked on a FIFO) becomes a test failure, not a stuck suite."""
+
+    def expired(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 
 import pytest
 import torch
-from conftest import edit_index, run_cli
+from conftest import deadline, edit_index, run_cli
 
 from sllm_plugin import (
     CheckpointExistsError,
@@ -306,21 +304,6 @@ def test_an_empty_tensor_with_a_wrong_checksum_fails_verify(tmp_path):
 
 # -- hostile indexes and directories: FormatError and nothing else, never a hang -----------
 
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Turn a hang (an open or read blocked on a FIFO) into a test failure."""
-
-    def expired(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def replace_index_text(ckpt, old: str, new: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bit_equal, mount_or_skip, run_cli, unmount
+from conftest import assert_bit_equal, deadline, mount_or_skip, run_cli, unmount
 from safetensors.torch import load_file, save_file
 
 from sllm_plugin import (
@@ -208,21 +208,6 @@ def test_killed_between_renames_restores_the_old_checkpoint(tiny_model, tmp_path
 
 # -- links, FIFOs and permissions in the source --------------------------------------------
 
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Turn a hang (an open or read blocked on a FIFO) into a test failure."""
-
-    def expired(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from conftest import assert_bit_equal, tensor_bytes
+from conftest import assert_bit_equal, deadline, tensor_bytes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -57,21 +56,6 @@ def watching_opens():
     finally:
         _opened = None
 
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """A hang (an open or read blocked on a FIFO) becomes a failure, not a stuck suite."""
-
-    def expired(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- the checkpoint and what a mutation may point at ----------------------------------------

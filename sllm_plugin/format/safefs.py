@@ -89,6 +89,12 @@ def open_regular(path: Path, what: str, *, root: Path | None = None,
         if e.errno == errno.ELOOP:  # swapped for a symlink after the stat
             raise FormatError(f"{path}: {what} is a symbolic link; refusing to follow it") from None
         raise FormatError(f"{path}: cannot open {what}: {_reason(e)}") from None
+    return _regular_blocking(fd, path, what)
+
+
+def _regular_blocking(fd: int, path: Path, what: str) -> int:
+    """`fd` if what it opened is a regular file (made blocking again), else closed and a
+    FormatError: the type is checked on the descriptor, so nothing swapped in counts."""
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -108,15 +114,7 @@ def open_file(path: Path, what: str) -> int:
         fd = os.open(path, _OPEN_FLAGS & ~os.O_NOFOLLOW)
     except OSError as e:
         raise FormatError(f"{path}: cannot open {what}: {_reason(e)}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise FormatError(f"{path}: {what} is not a regular file ({_kind(mode)})")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _regular_blocking(fd, path, what)
 
 
 def read_regular(path: Path, what: str, limit: int, *, root: Path | None = None,
