@@ -21,12 +21,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..httperrors import install_request_error_handlers
 from .autoscaler import Autoscaler, RouterError
 from .cluster import Cluster
-from .config import ModelSpec, RouterConfig
+from .config import ModelSpec, RouterConfig, check_model_name
 from .metrics import RouterMetrics
 from .policy import MigrationModel
 from .prefix import PrefixIndex, prompt_blocks
@@ -62,6 +62,11 @@ class RegisterModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     spec: ModelSpec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_model_name(name)  # the node daemon's rule: it names a directory there
 
 
 class Migrate(BaseModel):
@@ -124,13 +129,14 @@ def create_app(config: RouterConfig) -> FastAPI:
     app.state.router = router
 
     def admin(creds: Credentials) -> None:
-        token = config.admin_token
-        if token is None:
+        if config.admin_token is None:
             raise RouterError("the admin API is disabled: start the router with an admin "
-                              "token", 403, "permission_error")
+                              "token (--admin-token-file or SLLM_ROUTER_TOKEN)", 403,
+                              "permission_error")
         if creds is None:
             raise RouterError("this call needs 'Authorization: Bearer <admin token>'", 401,
                               "authentication_error")
+        token = config.admin_token.get_secret_value()
         if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
             raise RouterError("wrong admin token", 403, "permission_error")
 

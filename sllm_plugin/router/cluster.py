@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .config import NodeRef, RouterConfig
+from ..tokens import TokenError, local_node_token
+from .config import NodeRef, RouterConfig, explicit_node_token, is_loopback
 from .policy import NodeView, ReplicaView, TierView
 from .upstream import UpstreamErrors, deadline, read_json
 
@@ -69,9 +70,18 @@ class Cluster:
         self.draining: set[str] = set()
         self.replicas: dict[str, Replica] = {}
         self.starting: dict[str, int] = {}  # node -> replicas being started by this router
+        self.tokens: dict[str, str | None] = {n.name: explicit_node_token(n)
+                                              for n in config.nodes}
 
     def _headers(self, node: str) -> dict[str, str]:
-        token = self.nodes[node].token
+        token = self.tokens.get(node)
+        if token is None and is_loopback(self.nodes[node].url):
+            # A node on this host with no token configured: the one it made in its state
+            # directory. Looked up when needed, so a node started after the router is found.
+            try:
+                token = self.tokens[node] = local_node_token()
+            except TokenError as e:
+                logger.warning("node %s: the local node token is unusable: %s", node, e)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- polling ----------------------------------------------------------------------------
