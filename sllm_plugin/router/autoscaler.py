@@ -25,9 +25,9 @@ logger = logging.getLogger("sllm_plugin.router")
 class RouterError(Exception):
     """A request cannot be served now; `status` and `kind` follow OpenAI's error shapes."""
 
-    def __init__(self, message: str, status: int, kind: str) -> None:
+    def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.param = status, kind, param
 
 
 class Autoscaler:
