@@ -70,7 +70,10 @@ def cluster(tmp_path_factory):
         "nodes": [{"name": n, "url": d.url, "token": TOKEN} for n, d in nodes.items()],
         "models": {MODEL: {"source": str(source), "max_replicas": 2, "keep_alive_s": 3600,
                            "target_load": 1000},
-                   "org/never": {"source": str(source), "max_queue": 0}},
+                   "org/never": {"source": str(source), "max_queue": 0},
+                   # Its engine cannot start: two KV blocks hold no sequence of 2048 tokens.
+                   "org/broken": {"source": str(source),
+                                  "replica_args": ["--num-gpu-blocks-override", "2"]}},
         # One warm-up round: the tiny model decodes faster than a warm-up re-prefills.
         "limits": {"max_body_bytes": 64 * 1024, "max_tokens": TOKEN_LIMIT,
                    "start_timeout_s": 300, "migration_rounds": 1},
@@ -160,7 +163,7 @@ def test_scale_from_zero_places_the_replica_where_dram_holds_the_model(cluster):
     again = completion(router).json()["choices"][0]
     assert again["token_ids"] == choice["token_ids"] and again["text"] == choice["text"]
     models = router.client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in models] == [MODEL, "org/never"]
+    assert [m["id"] for m in models] == ["org/broken", MODEL, "org/never"]
 
 
 def test_bad_input_and_limits_get_openai_errors_and_the_router_keeps_serving(cluster):
@@ -196,6 +199,38 @@ def test_bad_input_and_limits_get_openai_errors_and_the_router_keeps_serving(clu
     r = completion(router, temperature=-1)
     assert r.status_code == 400 and "temperature" in r.text
     assert completion(router).status_code == 200
+
+
+def test_clients_waiting_for_a_replica_that_fails_get_a_503_with_its_root_cause(cluster):
+    """The replica's engine fails to start: every waiting client gets a 503 that says why in
+    a line (the node's summary and the replica's own root cause), not a log tail or a 500."""
+    from sllm_plugin.router.cluster import root_cause
+
+    router, nodes = cluster["router"], cluster["nodes"]
+    body = {"model": "org/broken", "prompt": "x", "max_tokens": 2}
+    answers: list[httpx.Response] = []
+    waiters = [threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{router.url}/v1/completions", json=body, timeout=600)))
+        for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    failed = [r for daemon in nodes.values() for r in daemon.ok("GET", "/replicas")
+              if r["model"] == "org/broken"]
+    assert [r["state"] for r in failed] == ["failed"], failed
+    cause = root_cause(failed[0]["error"])
+    assert cause, failed[0]["error"]
+    for r in answers:
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable"
+        message = err["message"]
+        assert message.startswith("cannot start a replica of 'org/broken': node ")
+        assert "exited with code" in message and cause in message, message
+        assert "Traceback" not in message and 'File "' not in message, message
+        assert "\n" not in message
+    assert metric(router, "sllm_router_requests_total", model="org/broken", status="503") == 2
 
 
 def test_a_second_replica_is_adopted_and_prefix_affinity_holds_until_overload(cluster):

@@ -85,6 +85,10 @@ class Autoscaler:
         except (NodeUnavailable, RouterError) as e:
             raise RouterError(f"cannot start a replica of {model!r}: {e}", 503,
                               "service_unavailable") from None
+        except Exception as e:  # every waiter gets the reason, not a 500
+            logger.exception("starting a replica of %s failed", model)
+            raise RouterError(f"cannot start a replica of {model!r}: {type(e).__name__}: {e}",
+                              503, "service_unavailable") from None
         finally:
             self.waiting[model] -= 1
             self.metrics.queue_depth.labels(model).set(self.waiting[model])
