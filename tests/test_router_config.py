@@ -63,6 +63,13 @@ def test_the_config_file_gets_the_same_checks_and_names_the_key(tmp_path):
                                                "token_file": "/x"}]}))
     with pytest.raises(ConfigError, match="token or token_file, not both"):
         load_config(path)
+    spaced = SECRET.replace("-", " ")  # it would not fit in a header; and is never echoed
+    path.write_text(yaml.safe_dump({"admin_token": spaced,
+                                    "nodes": [{"name": "a", "url": "http://h", "token": spaced}]}))
+    with pytest.raises(ConfigError, match="printable ASCII characters only") as e:
+        load_config(path)
+    assert "nodes.0.token" in str(e.value) and "admin_token" in str(e.value)
+    assert spaced not in str(e.value) and SECRET[-8:] not in str(e.value)
 
 
 def test_tokens_come_from_files_or_the_environment_and_never_show(tmp_path, monkeypatch):

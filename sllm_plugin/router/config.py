@@ -63,6 +63,13 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def _header_safe(token: SecretStr | None) -> SecretStr | None:
+    """An inline token goes in an HTTP header: printable ASCII, no spaces (never echoed)."""
+    if token is not None and not all(33 <= ord(c) <= 126 for c in token.get_secret_value()):
+        raise ValueError("a token may hold printable ASCII characters only, no spaces")
+    return token
+
+
 class NodeRef(_Strict):
     name: str = Field(min_length=1, max_length=100)
     url: str = Field(description="the node daemon, http(s)://host[:port], e.g. "
@@ -75,6 +82,8 @@ class NodeRef(_Strict):
     @classmethod
     def _url(cls, url: str) -> str:
         return check_node_url(url)
+
+    _token = field_validator("token")(_header_safe)
 
     @model_validator(mode="after")
     def _one_token(self) -> NodeRef:
@@ -125,6 +134,8 @@ class RouterConfig(_Strict):
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     poll_interval_s: float = 1.0
+
+    _admin_token = field_validator("admin_token")(_header_safe)
 
     @field_validator("models")
     @classmethod
