@@ -151,12 +151,6 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from .store.config import ConfigError, load_config
     from .store.node import Node
 
-    if args.token is not None:  # the value is never echoed
-        print("sllm node: error: --token would put the token on the command line, where every "
-              "user of this machine can read it (ps); use --token-file FILE (0600) or "
-              "$SLLM_NODE_TOKEN, or let the node make one in its state directory",
-              file=sys.stderr)
-        return 2
     try:
         config = load_config(
             args.config, host=args.host, port=args.port, token_file=args.token_file,
@@ -203,19 +197,24 @@ def _cmd_node_token(args: argparse.Namespace) -> int:
 
 def _cmd_router(args: argparse.Namespace) -> int:
     from .router.app import serve
-    from .router.config import ConfigError, ModelSpec, NodeRef, load_config
+    from .router.config import ConfigError, ModelSpec, check_model_name, load_config
 
     try:
         nodes = None
         if args.node:
-            nodes = [NodeRef(name=f"node{i}", url=url) for i, url in enumerate(args.node)]
+            nodes = [{"name": f"node{i}", "url": url, "token_file": args.node_token_file}
+                     for i, url in enumerate(args.node)]
+        elif args.node_token_file:
+            raise ValueError("--node-token-file applies to --node nodes; give --node URL "
+                             "(or a token_file per node in the --config file)")
         config = load_config(args.config, host=args.host, port=args.port,
-                             admin_token=args.admin_token, nodes=nodes)
+                             admin_token_file=args.admin_token_file, nodes=nodes)
         for entry in args.model or []:
             name, sep, source = entry.partition("=")
             if not sep or not name or not source:
                 raise ValueError(f"--model {entry!r}: use NAME=SOURCE")
-            config.models[name] = ModelSpec(source=source, replica_args=args.replica_arg or [])
+            config.models[check_model_name(name)] = ModelSpec(
+                source=source, replica_args=args.replica_arg or [])
     except (ConfigError, ValueError) as e:
         print(f"sllm router: error: {e}", file=sys.stderr)
         return 2
@@ -223,6 +222,18 @@ def _cmd_router(args: argparse.Namespace) -> int:
         logging.DEBUG if os.environ.get("SLLM_DEBUG") else logging.INFO)
     serve(config)
     return 0
+
+
+class _NoTokenOnArgv(argparse.Action):
+    """A flag that would put a token on the command line: refused, saying what to use."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kwargs) -> None:
+        self.instead = instead
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is not accepted: a token on the command line is visible "
+                     f"to every user (ps); use {self.instead}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file",
                    help="file (0600) holding the bearer token for mutating calls; default "
                         "$SLLM_NODE_TOKEN, else STATE_DIR/token, made at first start")
-    p.add_argument("--token", help=argparse.SUPPRESS)  # refused: see _cmd_node
+    p.add_argument("--token", action=_NoTokenOnArgv,
+                   instead="--token-file FILE (0600) or $SLLM_NODE_TOKEN, or let the node make "
+                           "one in its state directory")
     p.add_argument("--state-dir", help="the daemon's private state directory (default "
                                        "~/.local/state/sllm_plugin/node)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
@@ -306,13 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                                        "~/.local/state/sllm_plugin/node)")
     p.set_defaults(func=_cmd_node_token)
 
-    p = sub.add_parser("router", help="run the OpenAI-compatible router in front of nodes")
+    # No abbreviations: "--admin-token X" must not pass for "--admin-token-file X".
+    p = sub.add_parser("router", help="run the OpenAI-compatible router in front of nodes",
+                       allow_abbrev=False)
     p.add_argument("--config", help="YAML configuration file (flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--admin-token", help="bearer token for /admin (or SLLM_ROUTER_TOKEN)")
-    p.add_argument("--node", action="append",
-                   help="a node daemon URL (repeatable; default http://127.0.0.1:8073)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="a file (mode 0600) holding the bearer token for /admin (or "
+                        "SLLM_ROUTER_TOKEN in the environment); without one, /admin is off")
+    p.add_argument("--admin-token", action=_NoTokenOnArgv,
+                   instead="--admin-token-file FILE or SLLM_ROUTER_TOKEN")
+    p.add_argument("--node", action="append", metavar="URL",
+                   help="a node daemon, http(s)://host[:port] (repeatable; default "
+                        "http://127.0.0.1:8073)")
+    p.add_argument("--node-token-file", metavar="FILE",
+                   help="a file (mode 0600) holding the --node daemons' token (else "
+                        "SLLM_NODE_TOKEN; a node on this host with neither: the token it "
+                        "made in its state directory)")
     p.add_argument("--model", action="append", metavar="NAME=SOURCE",
                    help="serve a model (hub id, path or URL; repeatable)")
     p.add_argument("--replica-arg", action="append", metavar="ARG",

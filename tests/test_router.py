@@ -8,6 +8,7 @@ replica is killed mid-stream, draining a node, and keep-alive scale-down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from node_daemon import TOKEN, NodeDaemon, RouterProcess
 
+from sllm_plugin.router import upstream
 from sllm_plugin.store.replicas import detect_devices
 
 MODEL = "org/llama"
@@ -70,7 +72,10 @@ def cluster(tmp_path_factory):
         "nodes": [{"name": n, "url": d.url, "token": TOKEN} for n, d in nodes.items()],
         "models": {MODEL: {"source": str(source), "max_replicas": 2, "keep_alive_s": 3600,
                            "target_load": 1000},
-                   "org/never": {"source": str(source), "max_queue": 0}},
+                   "org/never": {"source": str(source), "max_queue": 0},
+                   # Its engine cannot start: two KV blocks hold no sequence of 2048 tokens.
+                   "org/broken": {"source": str(source),
+                                  "replica_args": ["--num-gpu-blocks-override", "2"]}},
         # One warm-up round: the tiny model decodes faster than a warm-up re-prefills.
         "limits": {"max_body_bytes": 64 * 1024, "max_tokens": TOKEN_LIMIT,
                    "start_timeout_s": 300, "migration_rounds": 1},
@@ -160,7 +165,7 @@ def test_scale_from_zero_places_the_replica_where_dram_holds_the_model(cluster):
     again = completion(router).json()["choices"][0]
     assert again["token_ids"] == choice["token_ids"] and again["text"] == choice["text"]
     models = router.client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in models] == [MODEL, "org/never"]
+    assert [m["id"] for m in models] == ["org/broken", MODEL, "org/never"]
 
 
 def test_bad_input_and_limits_get_openai_errors_and_the_router_keeps_serving(cluster):
@@ -198,6 +203,38 @@ def test_bad_input_and_limits_get_openai_errors_and_the_router_keeps_serving(clu
     assert completion(router).status_code == 200
 
 
+def test_clients_waiting_for_a_replica_that_fails_get_a_503_with_its_root_cause(cluster):
+    """The replica's engine fails to start: every waiting client gets a 503 that says why in
+    a line (the node's summary and the replica's own root cause), not a log tail or a 500."""
+    from sllm_plugin.router.cluster import root_cause
+
+    router, nodes = cluster["router"], cluster["nodes"]
+    body = {"model": "org/broken", "prompt": "x", "max_tokens": 2}
+    answers: list[httpx.Response] = []
+    waiters = [threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{router.url}/v1/completions", json=body, timeout=600)))
+        for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    failed = [r for daemon in nodes.values() for r in daemon.ok("GET", "/replicas")
+              if r["model"] == "org/broken"]
+    assert [r["state"] for r in failed] == ["failed"], failed
+    cause = root_cause(failed[0]["error"])
+    assert cause, failed[0]["error"]
+    for r in answers:
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable"
+        message = err["message"]
+        assert message.startswith("cannot start a replica of 'org/broken': node ")
+        assert "exited with code" in message and cause in message, message
+        assert "Traceback" not in message and 'File "' not in message, message
+        assert "\n" not in message
+    assert metric(router, "sllm_router_requests_total", model="org/broken", status="503") == 2
+
+
 def test_a_second_replica_is_adopted_and_prefix_affinity_holds_until_overload(cluster):
     router, nodes = cluster["router"], cluster["nodes"]
     nodes["a"].ok("POST", "/replicas", {"model": MODEL, "wait": True})
@@ -229,17 +266,20 @@ def test_a_second_replica_is_adopted_and_prefix_affinity_holds_until_overload(cl
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_live_migration_yields_exactly_the_unmigrated_tokens(cluster, kind):
     router = cluster["router"]
-    wait_for(lambda: len(ready_replicas(router)) == 2, what="two ready replicas")
+    two_ready_replicas(cluster)
     quiet(router)
+    # A stop string that never comes: vLLM holds back its length less one character of text
+    # at every moment, which a move must not lose.
     if kind == "chat":
         path = "/v1/chat/completions"
         body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
                 "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "stream": True,
-                "return_token_ids": True}
+                "return_token_ids": True, "stop": ["\u2603" * 4]}
     else:
         path = "/v1/completions"
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0,
-                "ignore_eos": True, "stream": True, "return_token_ids": True}
+                "ignore_eos": True, "stream": True, "return_token_ids": True,
+                "stop": "\u2603" * 4}
     expected, expected_text, _ = stream_tokens(router, path, body)
     assert len(expected) == LONG
     moved: dict = {}
@@ -265,6 +305,148 @@ def test_live_migration_yields_exactly_the_unmigrated_tokens(cluster, kind):
         moved["answer"]["stream"], "migration", moved["from"], moved["answer"]["to"])
     # The move happens at a token the client had not yet been sent when it was asked for.
     assert moved["generated"] <= move["at_token"] < LONG
+
+
+# Tokens of the stop-string requests: the random model's tokens beyond the tokenizer's 512
+# have no text, so this many give a few dozen characters.
+STOP_TOKENS = 128
+
+
+def two_ready_replicas(cluster) -> list[dict]:
+    """The two replicas of MODEL, one per node; started where one is missing (when the tests
+    before did not run)."""
+    router, nodes = cluster["router"], cluster["nodes"]
+    have = {r["node"] for r in ready_replicas(router)}
+    for name, daemon in nodes.items():
+        if name not in have:
+            daemon.ok("POST", "/replicas", {"model": MODEL, "wait": True})
+    return wait_for(lambda: len(ready_replicas(router)) == 2 and ready_replicas(router),
+                    what="two ready replicas")
+
+
+async def vllm_itself(session, url: str, body: dict) -> dict:
+    """What the replica itself streams for `body`: the truth a moved request must equal, and
+    the text length after each event (where it ends on a whole character)."""
+    ids, text, boundaries, last = [], "", {}, {}
+    async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            (last,) = json.loads(line[5:])["choices"]
+            ids += last.get("token_ids") or []
+            text += last["text"]
+            if last["text"] and not last["text"].endswith("\ufffd"):
+                boundaries[len(ids)] = len(text)
+    return {"ids": ids, "text": text, "finish": last["finish_reason"],
+            "stop_reason": last.get("stop_reason"), "boundaries": boundaries}
+
+
+async def through_router(session, source_url: str, dest_url: str, body: dict, move: str | None,
+                         at: int) -> dict:
+    """`body` run by the router's StreamRunner on the source, moved to the destination right
+    after token `at` (move "migration" or "failover"), or not moved (None). Returns what the
+    client gets, streamed and not, and the moves."""
+    from fault_proxy import FaultProxy
+
+    from sllm_plugin.router.cluster import Replica
+    from sllm_plugin.router.policy import MigrationModel
+    from sllm_plugin.router.streams import Stream, StreamRunner, final_response
+
+    dest = Replica("dest", 1, MODEL, dest_url)
+
+    async def pick(model: str, exclude=()) -> Replica:
+        return dest
+
+    async with FaultProxy(source_url, cut_after=at if move == "failover" else None,
+                          hold_after=at - 1 if move == "migration" else None) as proxy:
+        source = Replica("source", 1, MODEL, proxy.url)
+        runner = StreamRunner(session, pick, MigrationModel(), 8, 1, 300)
+        stream = Stream("completion", MODEL, body, body["max_tokens"])
+        task = asyncio.create_task(runner.run(stream, source))
+        chunks, step, answer = [], "before", None
+        while (item := await stream.events.get()) is not None:
+            assert not isinstance(item, Exception), item
+            chunks += item
+            if move == "migration" and step == "before" and len(stream.generated) >= at - 1:
+                # The proxy holds the source's next events: warm the destination, then let
+                # one more event through; the move comes right after it, where allowed.
+                answer = await runner.migrate(stream, dest)
+                step = "moving"
+                proxy.release(1)
+            elif step == "moving":
+                step = "after"
+                proxy.release()
+        await task
+    choices = [c["choices"][0] for c in chunks]
+    final = final_response(stream)["choices"][0]
+    return {
+        "streamed": ([t for c in choices for t in c.get("token_ids") or []],
+                     "".join(c["text"] for c in choices), choices[-1]["finish_reason"],
+                     choices[-1].get("stop_reason")),
+        "whole": (final["token_ids"], final["text"], final["finish_reason"],
+                  final["stop_reason"]),
+        "moves": [m["reason"] for m in stream.migrations], "answer": answer}
+
+
+def stop_cases(ref: str, at: int) -> list[dict]:
+    """Stop strings from the unmoved text `ref`, the move coming after its first `at` chars:
+    1, 2 and 4 characters found only after the move point, one spanning it, one never found,
+    several at once, and one kept in the output."""
+
+    def found_after(length: int) -> str | None:
+        return next((ref[i:i + length] for i in range(at + 1, len(ref) - length + 1)
+                     if ref.find(ref[i:i + length]) == i), None)
+
+    span = next(ref[at - b:at + a] for b, a in ((2, 2), (1, 2), (2, 1), (3, 3), (1, 1))
+                if ref.find(ref[at - b:at + a]) == at - b)
+    never = next(s for s in ("\u2603" * 4, "@#@#", "~^~^") if s not in ref)
+    one, two, four = found_after(1), found_after(2), found_after(4)
+    cases = [{"stop": [span]}, {"stop": never}, {"stop": [never, span], "min_tokens": 2},
+             {"stop": [span], "include_stop_str_in_output": True}]
+    cases += [{"stop": s} for s in (one, two, four) if s is not None]
+    if two and four:
+        cases.append({"stop": [four, two]})
+    return cases
+
+
+def test_stop_strings_end_a_moved_request_exactly_where_they_end_an_unmoved_one(cluster):
+    """Stop strings with a migration and a failover at an exact token (a proxy holds or cuts
+    the source's stream there), compared with what the replica itself streams unmoved: text,
+    token ids, finish reason and stop reason, streamed and not."""
+    router = cluster["router"]
+    source, dest = (r["url"] for r in two_ready_replicas(cluster))
+    quiet(router)
+    base = {"model": MODEL, "prompt": PROMPT + " Stop.", "max_tokens": STOP_TOKENS,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+    async def run() -> list:
+        async with upstream.open_session() as session:
+            ref = await vllm_itself(session, source, base)
+            # Move after a token where the text ends on a whole character, a third in.
+            third = len(ref["text"]) // 3
+            at = next(n for n, chars in sorted(ref["boundaries"].items()) if chars >= third)
+            assert third >= 8, ref
+            outcomes = []
+            for case in stop_cases(ref["text"], ref["boundaries"][at]):
+                body = {**base, **case}
+                truth = await vllm_itself(session, source, body)
+                want = (truth["ids"], truth["text"], truth["finish"], truth["stop_reason"])
+                for move in (None, "migration", "failover"):
+                    got = await through_router(session, source, dest, body, move, at)
+                    outcomes.append((case, move, want, got))
+            return outcomes
+
+    outcomes = asyncio.run(run())
+    assert len(outcomes) >= 3 * 6, [case for case, *_ in outcomes]
+    for case, move, want, got in outcomes:
+        assert got["streamed"] == want, (case, move, got, want)
+        assert got["whole"] == want, (case, move, got, want)
+        # Every failover happens (the source breaks). A migration waits for a point where no
+        # stop string has begun, so it may find the stream finished by one, not otherwise.
+        if move == "failover" or (move == "migration" and want[2] == "length"):
+            assert got["moves"] == [move], (case, got)
 
 
 def test_a_replica_killed_mid_stream_is_survived_without_losing_a_token(cluster):

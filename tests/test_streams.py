@@ -1,10 +1,12 @@
-"""Failover in the middle of a character, against scripted replicas on loopback.
+"""Failover in the middle of a character or of a stop string, against scripted replicas.
 
-`ScriptedReplica` stands in for a vLLM replica because the condition under test cannot be
+`ScriptedReplica` stands in for a vLLM replica because the conditions under test cannot be
 produced on demand with a real one: the replica must die right after a token that ends inside
-a multi-byte character. The real-vLLM failover test (tests/test_router.py) kills a replica at
-whatever token it is on. Everything else is real: the router's `StreamRunner`, its aiohttp
-session, HTTP over loopback, an abrupt end of the source's stream.
+a multi-byte character, or that begins a stop string. The real-vLLM tests (tests/test_router.py)
+move streams at a chosen token with a proxy in front of real replicas. Everything else is
+real: the router's `StreamRunner`, its aiohttp session, HTTP over loopback, an abrupt end of the
+source's stream. The scripted chunks are what vLLM streams when the router asks it for the
+text of stop strings (`include_stop_str_in_output`): all text at once, the stop string's too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from sllm_plugin.router.streams import ReplayDiverged, Stream, StreamRunner
 PROMPT = [1, 2, 3]
 
 
-def chunk(token: int, text: str, finish: str | None = None, prompt: bool = False) -> bytes:
-    choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": finish}
+def chunk(token: int, text: str, finish: str | None = None, prompt: bool = False,
+          stop_reason: str | None = None) -> bytes:
+    choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": finish,
+              "stop_reason": stop_reason}
     if prompt:
         choice["prompt_token_ids"] = PROMPT
     return f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n".encode()
@@ -69,7 +73,8 @@ DESTINATION = [chunk(12, "", prompt=True), chunk(13, "é"), chunk(14, "c", finis
 
 
 async def fail_over(body: dict, destination: list[bytes] | None,
-                    source_chunks: list[bytes] = SOURCE) -> tuple[list, ScriptedReplica]:
+                    source_chunks: list[bytes] = SOURCE) -> tuple[list, ScriptedReplica,
+                                                                  ScriptedReplica]:
     """Run one stream on a source that breaks off after `source_chunks`; `destination` (None:
     there is none to fail over to) is what the next replica sends."""
     source = ScriptedReplica(source_chunks, breaks=True)
@@ -93,7 +98,7 @@ async def fail_over(body: dict, destination: list[bytes] | None,
                 if isinstance(item, Exception):
                     break
             await task
-            return items, dest
+            return items, source, dest
     finally:
         await a_runner.cleanup()
         await b_runner.cleanup()
@@ -106,7 +111,7 @@ def delivered(items: list) -> tuple[list[int], str]:
 
 
 def test_a_greedy_stream_resumes_from_the_last_whole_character_and_sends_nothing_twice():
-    items, dest = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True},
+    items, _, dest = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True},
                                         DESTINATION))
     (body,) = dest.bodies
     assert body["prompt"] == PROMPT + [10, 11] and body["max_tokens"] == 3
@@ -115,14 +120,14 @@ def test_a_greedy_stream_resumes_from_the_last_whole_character_and_sends_nothing
 
 def test_a_continuation_that_diverges_from_what_the_client_has_is_an_error_not_a_splice():
     other = [chunk(99, "z", prompt=True), chunk(13, "é"), chunk(14, "c", finish="length")]
-    items, _ = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True}, other))
+    items, _, _ = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True}, other))
     assert isinstance(items[-1], ReplayDiverged)
     assert "produced [99] where the client already has [12]" in str(items[-1])
     assert delivered(items[:-1]) == ([10, 11, 12], "ab")
 
 
 def test_a_sampled_stream_continues_after_every_token_it_has():
-    items, dest = asyncio.run(fail_over({"temperature": 0.7, "return_token_ids": True},
+    items, _, dest = asyncio.run(fail_over({"temperature": 0.7, "return_token_ids": True},
                                         DESTINATION[1:]))
     (body,) = dest.bodies
     assert body["prompt"] == PROMPT + [10, 11, 12] and body["max_tokens"] == 2
@@ -131,8 +136,51 @@ def test_a_sampled_stream_continues_after_every_token_it_has():
 
 def test_a_connection_lost_after_the_finishing_chunk_is_no_failover():
     finished = [chunk(10, "a", prompt=True), chunk(11, "b", finish="stop")]
-    items, dest = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True}, None,
+    items, _, dest = asyncio.run(fail_over({"temperature": 0, "return_token_ids": True}, None,
                                         finished))
     assert not any(isinstance(i, Exception) for i in items)
     assert delivered(items) == ([10, 11], "ab") and dest.bodies == []
     assert items[-1][-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def finish_of(items: list) -> tuple:
+    choice = items[-1][-1]["choices"][0]
+    return choice["finish_reason"], choice.get("stop_reason")
+
+
+def test_a_stop_string_is_held_back_as_vllm_does_and_cut_off_at_the_end():
+    # vLLM, asked for the text as it is, sends "ab", "cX", then "Y", ending the stop string.
+    script = [chunk(10, "ab", prompt=True), chunk(11, "cX"),
+              chunk(12, "Y", finish="stop", stop_reason="XY")]
+    items, source, _ = asyncio.run(fail_over(
+        {"temperature": 0, "return_token_ids": True, "stop": ["XY"]}, None,
+        script))
+    assert source.bodies[0]["include_stop_str_in_output"] is True
+    texts = [c["choices"][0]["text"] for batch in items for c in batch]
+    assert texts == ["a", "bc", ""]  # one character held back at every moment, as vLLM does
+    assert delivered(items) == ([10, 11, 12], "abc")
+    assert finish_of(items) == ("stop", "XY")
+
+
+def test_a_failover_after_the_beginning_of_a_stop_string_resumes_before_it():
+    # The source dies right after "X", which may begin the stop string "XY": the destination
+    # resumes after "ab" (token 10), regenerates 11 ("cX"), and so sees the whole "XY".
+    destination = [chunk(11, "cX", prompt=True), chunk(12, "Y", finish="stop",
+                                                     stop_reason="XY")]
+    items, _, dest = asyncio.run(fail_over(
+        {"temperature": 0, "return_token_ids": True, "stop": ["XY"]}, destination,
+        [chunk(10, "ab", prompt=True), chunk(11, "cX")]))
+    (body,) = dest.bodies
+    assert body["prompt"] == PROMPT + [10] and body["max_tokens"] == 4
+    assert body["stop"] == ["XY"] and body["include_stop_str_in_output"] is True
+    assert delivered(items) == ([10, 11, 12], "abc")
+    assert finish_of(items) == ("stop", "XY")
+
+
+def test_a_regenerated_text_that_differs_is_an_error_not_a_splice():
+    destination = [chunk(11, "cZ", prompt=True), chunk(12, "Y", finish="length")]
+    items, _, _ = asyncio.run(fail_over(
+        {"temperature": 0, "return_token_ids": True, "stop": ["XY"]}, destination,
+        [chunk(10, "ab", prompt=True), chunk(11, "cX")]))
+    assert isinstance(items[-1], ReplayDiverged)
+    assert "produced the text 'cZ' where the stream already has 'cX'" in str(items[-1])

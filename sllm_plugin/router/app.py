@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import aiohttp
@@ -21,15 +22,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..httperrors import install_request_error_handlers
 from .autoscaler import Autoscaler, RouterError
 from .cluster import Cluster
-from .config import ModelSpec, RouterConfig
+from .config import ModelSpec, RouterConfig, check_model_name
 from .metrics import RouterMetrics
 from .policy import MigrationModel
 from .prefix import PrefixIndex, prompt_blocks
+from .requests import BadRequest, parse_body, validate_request
 from .streams import Stream, StreamRunner, UpstreamRejected, final_response, trackable
 from .upstream import UpstreamErrors, dumps, open_session, sse_batches, timeout
 
@@ -51,17 +53,29 @@ class ClosingStreamingResponse(StreamingResponse):
     cancels the upstream request, so the replica stops generating for nobody.
     """
 
+    def __init__(self, content, *, on_close: Callable[[], None] | None = None, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        # Also run when the body never started (a generator's `finally` does not run then).
+        self.on_close = on_close
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 class RegisterModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     spec: ModelSpec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_model_name(name)  # the node daemon's rule: it names a directory there
 
 
 class Migrate(BaseModel):
@@ -124,13 +138,14 @@ def create_app(config: RouterConfig) -> FastAPI:
     app.state.router = router
 
     def admin(creds: Credentials) -> None:
-        token = config.admin_token
-        if token is None:
+        if config.admin_token is None:
             raise RouterError("the admin API is disabled: start the router with an admin "
-                              "token", 403, "permission_error")
+                              "token (--admin-token-file or SLLM_ROUTER_TOKEN)", 403,
+                              "permission_error")
         if creds is None:
             raise RouterError("this call needs 'Authorization: Bearer <admin token>'", 401,
                               "authentication_error")
+        token = config.admin_token.get_secret_value()
         if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
             raise RouterError("wrong admin token", 403, "permission_error")
 
@@ -138,7 +153,7 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.exception_handler(RouterError)
     async def _router_error(_: Request, e: RouterError) -> JSONResponse:
-        return error(e.status, str(e), e.kind)
+        return error(e.status, str(e), e.kind, e.param)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -176,44 +191,60 @@ def create_app(config: RouterConfig) -> FastAPI:
         if declared and declared.isdigit() and int(declared) > limit:
             raise RouterError(f"request body of {declared} bytes exceeds the limit of {limit}",
                               413, "invalid_request_error")
-        raw = b""
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limit:
-                raise RouterError(f"request body exceeds the limit of {limit} bytes", 413,
-                                  "invalid_request_error")
+        parts, size = [], 0
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise RouterError(f"malformed JSON body: {e}", 400, "invalid_request_error") from None
-        if not isinstance(body, dict):
-            raise RouterError("the body must be a JSON object", 400, "invalid_request_error")
-        return body
+            async with asyncio.timeout(config.limits.body_timeout_s):
+                async for part in request.stream():
+                    parts.append(part)
+                    size += len(part)
+                    if size > limit:
+                        raise RouterError(f"request body exceeds the limit of {limit} bytes",
+                                          413, "invalid_request_error")
+        except TimeoutError:
+            raise RouterError(f"the request body did not arrive within "
+                              f"{config.limits.body_timeout_s:g} s", 408,
+                              "invalid_request_error") from None
+        try:
+            return parse_body(b"".join(parts))
+        except BadRequest as e:
+            raise RouterError(str(e), 400, "invalid_request_error", e.param) from None
 
     async def _serve(request: Request, kind: str) -> Response:
+        """Serve one request. Every error the router raises is counted here, by status; the
+        answers that come back from replicas are counted in `_observe`, `_failed` and
+        `_passthrough`."""
         started = time.monotonic()
-        body = await _read_body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or model not in config.models:
+        label = ""  # the model label: only names this router serves (bounded cardinality)
+        try:
+            body = await _read_body(request)
+            if isinstance(body.get("model"), str) and body["model"] in config.models:
+                label = body["model"]
+            return await _route(kind, body, started)
+        except RouterError as e:
+            router.metrics.requests.labels(label, str(e.status)).inc()
+            raise
+
+    async def _route(kind: str, body: dict, started: float) -> Response:
+        try:
+            req = validate_request(kind, body)
+        except BadRequest as e:
+            raise RouterError(str(e), 400, "invalid_request_error", e.param) from None
+        model = req.model
+        if model not in config.models:
             raise RouterError(f"the model {model!r} does not exist; this router serves "
-                              f"{sorted(config.models)}", 404, "model_not_found")
-        field = "messages" if kind == "chat" else "prompt"
-        if body.get(field) in (None, "", []):
-            raise RouterError(f"'{field}' is required", 400, "invalid_request_error")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+                              f"{sorted(config.models)}", 404, "model_not_found", "model")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
         limit = config.limits.max_tokens
         if max_tokens is None:
             max_tokens = limit
-        if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > limit:
+        if max_tokens < 1 or max_tokens > limit:
             raise RouterError(f"max_tokens must be an integer from 1 to {limit}, got "
-                              f"{max_tokens!r}", 400, "invalid_request_error")
+                              f"{max_tokens!r}", 400, "invalid_request_error", "max_tokens")
+        field = "messages" if kind == "chat" else "prompt"
         blocks = prompt_blocks(body[field])
         why_not = trackable(kind, body)
-        try:
-            replica = await router.autoscaler.pick(model, blocks)
-        except RouterError as e:
-            router.metrics.requests.labels(model, str(e.status)).inc()
-            raise
+        replica = await router.autoscaler.pick(model, blocks)
         headers = {"x-sllm-replica": replica.key}
         if why_not is not None:
             response = await _passthrough(kind, body, replica, started)
@@ -224,9 +255,10 @@ def create_app(config: RouterConfig) -> FastAPI:
         first = await stream.events.get()
         if isinstance(first, Exception):
             return _failed(model, first)
-        if body.get("stream"):
+        if req.stream:
             return ClosingStreamingResponse(_sse(stream, first, task, started),
-                                     media_type="text/event-stream", headers=headers)
+                                            media_type="text/event-stream", headers=headers,
+                                            on_close=task.cancel)
         item = first
         while item is not None:
             if isinstance(item, Exception):
@@ -271,33 +303,50 @@ def create_app(config: RouterConfig) -> FastAPI:
                 task.cancel()
 
     async def _passthrough(kind: str, body: dict, replica, started: float) -> Response:
-        """Requests the router cannot follow token by token: proxied as they are."""
+        """Requests the router cannot follow token by token: proxied as they are. The
+        replica's status comes back as it is, for a stream too (its error is not a 200)."""
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        model = body["model"]
         replica.in_flight += 1
-        limit = timeout(config.limits.upstream_timeout_s)
+        relaying = False  # once the stream is handed on, `relay` releases the replica
         try:
-            if not body.get("stream"):
-                async with router.http.post(f"{replica.url}{path}", json=body,
-                                            timeout=limit) as r:
+            r = await router.http.post(f"{replica.url}{path}", json=body,
+                                       timeout=timeout(config.limits.upstream_timeout_s))
+            relaying = bool(body.get("stream")) and r.status == 200
+            if not relaying:
+                try:
                     content = await r.read()
-                router.metrics.requests.labels(body["model"], str(r.status)).inc()
+                finally:
+                    r.release()
+                router.metrics.requests.labels(model, str(r.status)).inc()
                 return Response(content, status_code=r.status, media_type="application/json")
         except UpstreamErrors as e:
+            relaying = False
+            router.metrics.requests.labels(model, "502").inc()
             return error(502, f"upstream failure: {type(e).__name__}: {e}", "upstream_error")
         finally:
-            if not body.get("stream"):
+            if not relaying:
+                replica.in_flight -= 1
+
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                r.close()
                 replica.in_flight -= 1
 
         async def relay():
             try:
-                async with router.http.post(f"{replica.url}{path}", json=body,
-                                            timeout=limit) as r:
-                    async for batch in sse_batches(r):
-                        yield "".join([line + "\n\n" for line in batch])
+                async for batch in sse_batches(r):
+                    yield "".join([line + "\n\n" for line in batch])
             finally:
-                replica.in_flight -= 1
+                release()
 
-        return ClosingStreamingResponse(relay(), media_type="text/event-stream")
+        router.metrics.requests.labels(model, "200").inc()
+        return ClosingStreamingResponse(relay(), media_type="text/event-stream",
+                                        on_close=release)
 
     # -- admin ----------------------------------------------------------------------------
 
@@ -384,4 +433,7 @@ def serve(config: RouterConfig, log_level: str = "info") -> None:
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,
                 # Open streams and waiting calls must not hold the shutdown (and the
                 # replicas it stops) hostage.
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5,
+                # Slow or idle clients cannot hold more than this many connections (uvicorn
+                # answers 503 past it); a body that trickles in meets `body_timeout_s`.
+                limit_concurrency=config.limits.max_connections)

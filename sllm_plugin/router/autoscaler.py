@@ -25,9 +25,9 @@ logger = logging.getLogger("sllm_plugin.router")
 class RouterError(Exception):
     """A request cannot be served now; `status` and `kind` follow OpenAI's error shapes."""
 
-    def __init__(self, message: str, status: int, kind: str) -> None:
+    def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.param = status, kind, param
 
 
 class Autoscaler:
@@ -85,6 +85,10 @@ class Autoscaler:
         except (NodeUnavailable, RouterError) as e:
             raise RouterError(f"cannot start a replica of {model!r}: {e}", 503,
                               "service_unavailable") from None
+        except Exception as e:  # every waiter gets the reason, not a 500
+            logger.exception("starting a replica of %s failed", model)
+            raise RouterError(f"cannot start a replica of {model!r}: {type(e).__name__}: {e}",
+                              503, "service_unavailable") from None
         finally:
             self.waiting[model] -= 1
             self.metrics.queue_depth.labels(model).set(self.waiting[model])

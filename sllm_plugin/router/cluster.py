@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from .config import NodeRef, RouterConfig
+from ..tokens import TokenError, local_node_token
+from .config import NodeRef, RouterConfig, explicit_node_token, is_loopback
 from .policy import NodeView, ReplicaView, TierView
 from .upstream import UpstreamErrors, deadline, read_json
 
@@ -22,6 +24,56 @@ logger = logging.getLogger("sllm_plugin.router")
 
 class NodeUnavailable(Exception):
     pass
+
+
+# The last line of a Python traceback, `pkg.module.SomeError: message`, as vLLM and its engine
+# core process print it (the latter behind "(EngineCore pid=N) ERROR <date> [file:line] ").
+_LOG_PREFIX = re.compile(r"^(?:\([^)]*pid=\d+\)\s*)?(?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\]\s*)?")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
+                        r"(?::\s.*)?$")
+# Wrappers that only point at the real cause printed before them.
+_GENERIC = ("See root cause above", "Engine core initialization failed")
+MAX_REASON_CHARS = 1000
+
+
+def root_cause(output: str) -> str | None:
+    """The most informative exception line in a replica's output: the last one that is not
+    a wrapper pointing "above" (vLLM's API server only says the engine core failed; the engine
+    core printed why), with the indented lines that continue it (pydantic's details)."""
+    lines = [_LOG_PREFIX.sub("", line.rstrip()) for line in output.splitlines()]
+    found = [i for i, line in enumerate(lines) if _EXCEPTION.match(line)]
+    if not found:
+        return None
+    specific = [i for i in found if not any(g in lines[i] for g in _GENERIC)]
+    i = (specific or found)[-1]
+    picked = [lines[i]]
+    for line in lines[i + 1 : i + 4]:  # e.g. "1 validation error for ModelConfig" + details
+        if not line.startswith("  ") or line.lstrip().startswith(("File ", "^", "Traceback")):
+            break
+        picked.append(line.strip())
+    return " ".join(picked)
+
+
+def replica_failure(status: int, info: object) -> str:
+    """Why a node's answer to a replica start is not a ready replica, in one short line: the
+    node's own summary and the replica's root cause, never a whole log tail. The node answers
+    `{"error": {"message"}}` (its error shape) or the replica's record, whose `error` is a
+    string; anything else is described, not trusted."""
+    if not isinstance(info, dict):
+        return f"HTTP {status} with an unexpected answer ({type(info).__name__})"
+    err = info.get("error")
+    if isinstance(err, dict):
+        err = err.get("message")
+    state = info.get("state")
+    if not isinstance(err, str) or not err.strip():
+        if state in ("queued", "fetching", "starting"):
+            return f"the replica was not ready in time (still {state})"
+        return f"HTTP {status}, replica state {state!r}" if isinstance(state, str) else \
+            f"HTTP {status}"
+    summary = err.strip().splitlines()[0].removesuffix("Last output:").strip()
+    cause = root_cause(err)
+    reason = summary if cause is None or cause in summary else f"{summary} Cause: {cause}"
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
 
 
 @dataclass
@@ -69,9 +121,18 @@ class Cluster:
         self.draining: set[str] = set()
         self.replicas: dict[str, Replica] = {}
         self.starting: dict[str, int] = {}  # node -> replicas being started by this router
+        self.tokens: dict[str, str | None] = {n.name: explicit_node_token(n)
+                                              for n in config.nodes}
 
     def _headers(self, node: str) -> dict[str, str]:
-        token = self.nodes[node].token
+        token = self.tokens.get(node)
+        if token is None and is_loopback(self.nodes[node].url):
+            # A node on this host with no token configured: the one it made in its state
+            # directory. Looked up when needed, so a node started after the router is found.
+            try:
+                token = self.tokens[node] = local_node_token()
+            except TokenError as e:
+                logger.warning("node %s: the local node token is unusable: %s", node, e)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- polling ----------------------------------------------------------------------------
@@ -211,11 +272,15 @@ class Cluster:
             raise NodeUnavailable(f"node {node}: {type(e).__name__}: {e}") from None
         finally:
             self.starting[node] -= 1
-        if status >= 300 or info.get("state") != "ready":
-            message = (info.get("error") or {}).get("message") if "error" in info else info
-            raise NodeUnavailable(f"node {node} could not start {model}: {message}")
-        replica = Replica(node, info["id"], model, info["url"], tier=info.get("tier"),
-                          phases=info.get("phases", {}))
+        if status >= 300 or not isinstance(info, dict) or info.get("state") != "ready":
+            raise NodeUnavailable(f"node {node} could not start {model}: "
+                                  f"{replica_failure(status, info)}")
+        try:
+            replica = Replica(node, int(info["id"]), model, str(info["url"]),
+                              tier=info.get("tier"), phases=dict(info.get("phases") or {}))
+        except (KeyError, TypeError, ValueError):
+            raise NodeUnavailable(f"node {node} started {model} but described it without an "
+                                  "id and url") from None
         self.replicas[replica.key] = replica
         return replica
 

@@ -1,14 +1,25 @@
-"""The router's configuration: a YAML file, then flags; defaults that run on one machine."""
+"""The router's configuration: a YAML file, then flags; defaults that run on one machine.
+
+Tokens never come from the command line (every user of the machine can read `ps`): the admin
+token from `admin_token_file` (`--admin-token-file`) or $SLLM_ROUTER_TOKEN, a node's from its
+`token_file` (`--node-token-file`), $SLLM_NODE_TOKEN, or, for a node on this host, the token
+that node made in its state directory. An inline `token` / `admin_token` in the YAML file is
+accepted too (the file should then be private). Token values are `SecretStr`: they never show
+in a repr, a log line or an error message.
+"""
 
 from __future__ import annotations
 
-import os
+import ipaddress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .. import tokens
 from ..configfile import ConfigError, read_mapping, validate
+from ..store.names import InvalidModelName, check_model_name
 
 DEFAULT_PORT = 8080
 
@@ -17,10 +28,68 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_node_url(url: str) -> str:
+    """`http(s)://host[:port]` (a trailing slash is dropped), else ValueError saying so."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number in range
+    except ValueError as e:
+        problem = str(e)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "the scheme must be http or https"
+        elif not parts.hostname:
+            problem = "it names no host"
+        elif parts.username is not None or parts.password is not None:
+            problem = "it may not carry credentials (use a token file)"
+        elif parts.path not in ("", "/") or parts.query or parts.fragment:
+            problem = "it may not have a path, query or fragment"
+    if problem:
+        raise ValueError(f"node URL {url!r} is not http(s)://host[:port]: {problem}")
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{netloc}" + (f":{port}" if port is not None else "")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the node URL names this host (localhost or a loopback address)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _header_safe(token: SecretStr | None) -> SecretStr | None:
+    """An inline token goes in an HTTP header: printable ASCII, no spaces (never echoed)."""
+    if token is not None and not all(33 <= ord(c) <= 126 for c in token.get_secret_value()):
+        raise ValueError("a token may hold printable ASCII characters only, no spaces")
+    return token
+
+
 class NodeRef(_Strict):
-    name: str
-    url: str = Field(description="the node daemon, e.g. http://10.0.0.5:8073")
-    token: str | None = Field(None, description="the node daemon's bearer token")
+    name: str = Field(min_length=1, max_length=100)
+    url: str = Field(description="the node daemon, http(s)://host[:port], e.g. "
+                     "http://10.0.0.5:8073")
+    token: SecretStr | None = Field(None, description="the node daemon's bearer token (prefer "
+                                    "token_file)")
+    token_file: Path | None = Field(None, description="a file (0600) holding the node's token")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return check_node_url(url)
+
+    _token = field_validator("token")(_header_safe)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> NodeRef:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError(f"node {self.name!r}: give token or token_file, not both")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -37,6 +106,10 @@ class ModelSpec(_Strict):
 
 class Limits(_Strict):
     max_body_bytes: int = 1024 * 1024
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within "
+                                  "this long (408 otherwise)")
+    max_connections: int = Field(1024, ge=1, description="open client connections (idle ones "
+                                 "included); past it, 503")
     max_tokens: int = 4096
     max_queue: int = Field(64, description="requests waiting for a replica, per model")
     start_timeout_s: float = 900.0
@@ -46,24 +119,68 @@ class Limits(_Strict):
     migration_rounds: int = 3
 
 
+def _default_nodes() -> list[NodeRef]:
+    return [NodeRef(name="local", url="http://127.0.0.1:8073")]
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    admin_token: str | None = None
-    nodes: list[NodeRef] = Field(default_factory=lambda: [
-        NodeRef(name="local", url="http://127.0.0.1:8073")])
+    admin_token: SecretStr | None = Field(None, description="the admin API's bearer token "
+                                          "(prefer admin_token_file)")
+    admin_token_file: Path | None = Field(None, description="a file (0600) holding the admin "
+                                          "token")
+    nodes: list[NodeRef] = Field(default_factory=_default_nodes)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     poll_interval_s: float = 1.0
 
+    _admin_token = field_validator("admin_token")(_header_safe)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in models:
+            check_model_name(name)
+        return models
+
+    @model_validator(mode="after")
+    def _checks(self) -> RouterConfig:
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("give admin_token or admin_token_file, not both")
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must be unique: {names}")
+        return self
+
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RouterConfig:
-    """Read the YAML file (if any), apply the flags that were given, validate everything."""
+    """Read the YAML file (if any), apply the flags that were given, validate everything,
+    and resolve the admin token (ConfigError naming the file if it cannot be read)."""
     raw = read_mapping(path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    if "admin_token" not in raw and os.environ.get("SLLM_ROUTER_TOKEN"):
-        raw["admin_token"] = os.environ["SLLM_ROUTER_TOKEN"]
-    return validate(RouterConfig, raw, path, "router")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "admin_token_file" in given:  # the flag replaces whatever the file said
+        raw.pop("admin_token", None)
+    raw.update(given)
+    config = validate(RouterConfig, raw, path, "router")
+    try:
+        if config.admin_token is None:
+            admin = tokens.token_from(config.admin_token_file, tokens.ROUTER_TOKEN_ENV)
+            config.admin_token = SecretStr(admin) if admin is not None else None
+        for node in config.nodes:
+            explicit_node_token(node)  # unreadable or unsafe token files fail here, at start
+    except tokens.TokenError as e:
+        raise ConfigError(f"{path or 'flags'}: {e}") from None
+    return config
 
 
-__all__ = ["ConfigError", "ModelSpec", "NodeRef", "RouterConfig", "load_config"]
+def explicit_node_token(node: NodeRef) -> str | None:
+    """The token configured for `node` (inline, its token file, or $SLLM_NODE_TOKEN)."""
+    if node.token is not None:
+        return node.token.get_secret_value()
+    return tokens.token_from(node.token_file, tokens.NODE_TOKEN_ENV)
+
+
+__all__ = ["ConfigError", "InvalidModelName", "Limits", "ModelSpec", "NodeRef", "RouterConfig",
+           "check_model_name", "check_node_url", "explicit_node_token", "is_loopback",
+           "load_config"]

@@ -19,8 +19,12 @@ BLOCK_CHARS = 256
 BLOCK_TOKENS = 64
 
 
-def prompt_blocks(prompt: str | Sequence[int] | Sequence[dict]) -> list[bytes]:
-    """Chained block hashes of a completion prompt (text or ids) or chat messages."""
+def prompt_blocks(prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+                  | Sequence[dict]) -> list[bytes]:
+    """Chained block hashes of a completion prompt (text or ids) or chat messages; for a batch
+    of prompts, those of the first (the request goes to one replica as a whole)."""
+    if prompt and not isinstance(prompt, str) and isinstance(prompt[0], (str, list)):
+        return prompt_blocks(prompt[0])  # type: ignore[arg-type]
     if isinstance(prompt, str):
         data, step = prompt.encode(), BLOCK_CHARS
     elif prompt and isinstance(prompt[0], dict):

@@ -12,6 +12,14 @@ prompt + generated ids (`max_tokens=1`), repeat until fewer than a few tokens we
 meanwhile, then stop reading the source (closing the connection aborts it in vLLM) and continue
 on the destination, splicing its output into the client's stream. Failover is the same
 continuation without the warm-up, after the source's stream broke.
+
+Stop strings: a replica holds back the text that could begin a stop string, and a replica
+asked to continue sees only the text it generates itself. So the router asks replicas for the
+text unheld (`include_stop_str_in_output`), holds back what vLLM would (the longest stop string
+less one character) and cuts the stop string off at the end itself; and a move only happens
+where no stop string can span it: the text so far must not end with the beginning of one. The
+replica still finds stop strings, so which one wins, where the search starts (`min_tokens`)
+and which tokens the finishing chunk carries are vLLM's own.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ UNTRACKABLE_KEYS = ("tools", "functions", "response_format", "logprobs", "top_lo
                     "frequency_penalty", "logit_bias", "prompt_logprobs", "n")
 
 
+# Stop strings the router follows a request with (more or longer ones: proxied untracked, as
+# checking for a stop string's beginning at every token costs their length squared).
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 128
+
 # How long the router waits for "[DONE]" after a finishing chunk before it gives up on reusing
 # the connection (vLLM sends it at once).
 DRAIN_TIMEOUT_S = 2.0
@@ -71,12 +83,25 @@ def greedy(body: dict) -> bool:
     return body.get("temperature") == 0 or body.get("top_k") == 1
 
 
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
 def trackable(kind: str, body: dict) -> str | None:
     """None if the request can be followed token by token, else why not."""
     for key in UNTRACKABLE_KEYS:
         value = body.get(key)
         if value not in (None, False, 0, 1, [], {}) or (key == "n" and value not in (None, 1)):
             return f"uses {key!r}"
+    stops = stop_strings(body)
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        return f"has more than {MAX_STOP_STRINGS} stop strings or one over {MAX_STOP_CHARS} chars"
+    if stops and not body.get("include_stop_str_in_output") and (
+            body.get("stop_token_ids") or body.get("skip_special_tokens") is False):
+        # The router asks for stop strings in the text; vLLM would then also keep the text of
+        # a stop token, which only it can tell apart.
+        return "combines stop strings with stop tokens that have text"
     if kind == "completion":
         prompt = body.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
@@ -105,18 +130,36 @@ class Stream:
     # stays bounded, and the request stays in flight, counted as the replica's load).
     events: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=256))
     pending: list[dict] = field(default_factory=list)  # chunks not yet handed to `events`
-    # Whether the text so far ends on a whole character; a move waits for one (see `_take`).
-    clean_boundary: bool = False
-    clean_at: int = 0  # tokens generated up to the last whole-character boundary
-    # After a failover mid-character: tokens the client has that the continuation, resumed from
-    # `clean_at`, regenerates (greedy only); they are checked and not sent twice.
+    # The text: `text` holds what the client was given, `held` what comes after it (vLLM's
+    # stop-string hold-back), `tail` the last characters of both (to spot a stop string's
+    # beginning), `text_len` their length.
+    held: str = ""
+    tail: str = ""
+    text_len: int = 0
+    # Whether the stream may move here: the text ends on a whole character and not with the
+    # beginning of a stop string (see `_take`). A migration waits for such a point.
+    safe_boundary: bool = False
+    safe_at: int = 0  # tokens generated up to the last such point
+    safe_len: int = 0  # and the length of the text there
+    # After a failover where the stream could not move: tokens and text the client (or `held`)
+    # has that the continuation, resumed from `safe_at`, regenerates (greedy only); they are
+    # checked and not sent twice.
     replay: list[int] = field(default_factory=list)
+    expect: str = ""
     moved_from: str | None = None  # the replica of the move under way
     migrations: list[dict] = field(default_factory=list)
     last_emit: float | None = None
     first_emit: float | None = None
     emitted: int = 0  # chunks with tokens delivered
     begun: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.stops = stop_strings(self.body)
+        self.include_stop = bool(self.body.get("include_stop_str_in_output"))
+        longest = max((len(s) for s in self.stops), default=0)
+        self.tail_chars = max(0, longest - 1)
+        # vLLM's hold-back: the text that could be the beginning of a stop string.
+        self.holdback = 0 if self.include_stop else self.tail_chars
 
     @property
     def response_id(self) -> str:
@@ -167,11 +210,13 @@ class StreamRunner:
                                    stream.replica.key, e)
                     pause_from, reason = stream.last_emit or time.monotonic(), "failover"
                     stream.moved_from = stream.replica.key
-                    # A failover cannot wait for a whole character (see `_take`): a greedy
-                    # stream resumes from the last one instead and replays the rest.
-                    stream.replay = (stream.generated[stream.clean_at:]
-                                     if not stream.clean_boundary and greedy(stream.body)
-                                     else [])
+                    # A failover cannot wait for a point where the stream may move (see
+                    # `_take`): a greedy stream resumes from the last one and replays the rest.
+                    if not stream.safe_boundary and greedy(stream.body):
+                        stream.replay = stream.generated[stream.safe_at:]
+                        stream.expect = ("".join(stream.text) + stream.held)[stream.safe_len:]
+                    else:
+                        stream.replay, stream.expect = [], ""
                     nxt = await self.pick(stream.model, exclude=failed)
                     self._attach(stream, nxt)
                     continue
@@ -183,7 +228,7 @@ class StreamRunner:
                     self._attach(stream, dest)
                     continue
                 break
-            if stream.body.get("stream_options", {}).get("include_usage"):
+            if (stream.body.get("stream_options") or {}).get("include_usage"):
                 await stream.events.put([self._usage_chunk(stream)])
             await stream.events.put(None)
         except Exception as e:  # handed to the consumer, which answers the client with it
@@ -219,11 +264,15 @@ class StreamRunner:
                     "return_token_ids": True, "max_tokens": stream.max_tokens}
             body.pop("max_completion_tokens", None)
             body.pop("stream_options", None)
+            if stream.stops:  # the text unheld: the router holds back (see the module doc)
+                body["include_stop_str_in_output"] = True
             return path, body
         done = len(stream.generated) - len(stream.replay)
         body = {k: stream.body[k] for k in CONTINUATION_KEYS if k in stream.body}
         if stream.body.get("min_tokens"):
             body["min_tokens"] = max(0, int(stream.body["min_tokens"]) - done)
+        if stream.stops:
+            body["include_stop_str_in_output"] = True
         body.update(model=stream.model, prompt=stream.prompt_ids + stream.generated[:done],
                     max_tokens=stream.max_tokens - done, stream=True, return_token_ids=True)
         return "/v1/completions", body
@@ -232,7 +281,7 @@ class StreamRunner:
                        reason: str) -> str:
         if stream.prompt_ids is not None and len(stream.generated) >= stream.max_tokens:
             stream.finish_reason = "length"
-            self._emit(stream, "", [], "length", None)
+            self._emit(stream, self._release(stream, "length"), [], "length", None)
             await self._flush(stream)
             return "done"
         continuation = stream.prompt_ids is not None
@@ -268,7 +317,7 @@ class StreamRunner:
                     if outcome == "eof":
                         break
                     if (stream.switch_to is not None and stream.prompt_ids is not None
-                            and stream.clean_boundary):
+                            and stream.safe_boundary):
                         return "switch"
         except UpstreamErrors as e:
             raise UpstreamBroken(f"{type(e).__name__}: {e}") from None
@@ -307,6 +356,13 @@ class StreamRunner:
                 stream.started.set()
             ids = list(choice.get("token_ids") or [])
             finish = choice.get("finish_reason")
+            if continuation or stream.kind == "completion":
+                delta = None
+                text = choice.get("text") or ""
+            else:
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+            replaying = bool(stream.replay or stream.expect)
             if stream.replay and ids:
                 # Regenerated tokens the client already has, with text it already has.
                 n = min(len(ids), len(stream.replay))
@@ -316,35 +372,88 @@ class StreamRunner:
                         f"produced {ids[:n]} where the client already has {stream.replay[:n]}")
                 del stream.replay[:n]
                 ids = ids[n:]
-                if not ids and not finish:
-                    continue
-                replayed = True
-            else:
-                replayed = False
-            if continuation or stream.kind == "completion":
-                delta = None
-                text = "" if replayed and not ids else choice.get("text") or ""
-            else:
-                delta = choice.get("delta") or {}
-                text = delta.get("content") or ""
+            new_text = self._regenerated(stream, text)
+            if replaying and not ids and not new_text and not finish:
+                continue
             stream.generated.extend(ids)
             replica.tokens_in_flight += len(ids)
-            stream.text.append(text)
-            if ids:
+            self._add_text(stream, new_text)
+            if ids and not stream.replay and not stream.expect:
                 # A token prompt that ends inside a multi-byte character (its text held back,
                 # or given up as U+FFFD) makes vLLM's detokenizer (tokenizers' DecodeStream
                 # primed with the prompt) emit the whole prompt's text with the first new
-                # token. Tokens stay right, text would not: moves happen after whole chars.
-                stream.clean_boundary = bool(text) and not text.endswith("\ufffd")
-                if stream.clean_boundary:
-                    stream.clean_at = len(stream.generated)
+                # token; and a replica given a continuation cannot see a stop string that
+                # began before it. Tokens stay right, text would not: moves wait for points
+                # after a whole character where no stop string has begun.
+                whole = bool(text) and not text.endswith("\ufffd")
+                stream.safe_boundary = whole and not self._stop_begun(stream)
+                if stream.safe_boundary:
+                    stream.safe_at, stream.safe_len = len(stream.generated), stream.text_len
+            stop_reason = choice.get("stop_reason") if finish else None
             if finish:
                 stream.finish_reason = finish
-                stream.stop_reason = choice.get("stop_reason")
-            self._emit(stream, text, ids, finish, delta)
+                stream.stop_reason = stop_reason
+            out = self._release(stream, finish, stop_reason)
+            if delta is not None and ("content" in delta or out):
+                delta = {**delta, "content": out}
+            self._emit(stream, out, ids, finish, delta)
             if finish:
                 return "done"
         return None
+
+    @staticmethod
+    def _regenerated(stream: Stream, text: str) -> str:
+        """The part of a continuation's `text` that is new: after a failover that resumed
+        early, what it regenerates must be what the stream already has, and is not new."""
+        if not stream.expect:
+            return text
+        n = min(len(text), len(stream.expect))
+        if text[:n] != stream.expect[:n]:
+            raise ReplayDiverged(f"stream {stream.id}: after a failover the greedy "
+                                 f"continuation produced the text {text[:n]!r} where the "
+                                 f"stream already has {stream.expect[:n]!r}")
+        stream.expect = stream.expect[n:]
+        return text[n:]
+
+    @staticmethod
+    def _add_text(stream: Stream, text: str) -> None:
+        if text:
+            stream.held += text
+            stream.text_len += len(text)
+            if stream.tail_chars:
+                stream.tail = (stream.tail + text)[-stream.tail_chars:]
+
+    @staticmethod
+    def _stop_begun(stream: Stream) -> bool:
+        """Whether the text ends with the beginning (not the whole) of a stop string."""
+        tail = stream.tail
+        for stop in stream.stops:
+            for k in range(min(len(stop) - 1, len(tail)), 0, -1):
+                if tail.endswith(stop[:k]):
+                    return True
+        return False
+
+    @staticmethod
+    def _release(stream: Stream, finish: str | None, stop_reason: object = None) -> str:
+        """The held text the client gets now: all of it once finished (less the stop string
+        that ended it, unless asked for), else all but vLLM's hold-back."""
+        if finish:
+            if (finish == "stop" and isinstance(stop_reason, str) and not stream.include_stop
+                    and stop_reason in stream.stops):
+                if stream.held.endswith(stop_reason):
+                    stream.held = stream.held[: len(stream.held) - len(stop_reason)]
+                else:  # cannot happen: the stop string began after the released text
+                    logger.warning("stream %s: the text does not end with its stop string",
+                                   stream.id)
+            out, stream.held = stream.held, ""
+        else:
+            cut = len(stream.held) - stream.holdback
+            if cut <= 0:
+                return ""
+            out, stream.held = stream.held[:cut], stream.held[cut:]
+        if out:
+            stream.text.append(out)
+        return out
 
     def _record_move(self, stream: Stream, replica: Replica, pause_from: float,
                      reason: str, at_token: int) -> None:
