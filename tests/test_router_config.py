@@ -146,7 +146,8 @@ def node(tmp_path):
     """A real node daemon with a token of its own (no replica is started)."""
     shm = Path(f"/dev/shm/sllm-test-{uuid.uuid4().hex[:8]}")
     daemon = NodeDaemon(tmp_path, {
-        "token": SECRET, "dram": {"path": str(shm), "capacity": 10**8},
+        "token_file": str(token_file(tmp_path / "node-secret")),
+        "dram": {"path": str(shm), "capacity": 10**8},
         "ssd": {"path": str(tmp_path / "ssd"), "capacity": 10**8},
         "devices": [detect_devices()[0].name], "calibration_bytes": 1024 * 1024})
     daemon.start()
