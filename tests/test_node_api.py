@@ -438,3 +438,24 @@ def test_a_cpu_replica_nobody_sized_gets_a_small_kv_cache_others_keep_theirs(tmp
     assert env(gpu) is None
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert env(cpu) == "3"
+
+
+def test_a_replica_that_fails_reports_the_root_cause_from_its_whole_output(tmp_path, model_dir):
+    """A replica command replaying a real vLLM 0.32 failed start (tests/data): the engine
+    core's ValueError is printed 90 lines before the end, where only the API server's wrapper
+    ("See root cause above") is; the node's error names the ValueError all the same."""
+    replay = ("import sys; sys.stdout.write(open(sys.argv[1]).read()); sys.stdout.flush(); "
+              "sys.exit(1)")
+    config = small_config(
+        tmp_path, models={"org/m0": {"source": str(model_dir)}},
+        replica_command=[sys.executable, "-c", replay, str(HERE / "data" /
+                                                            "vllm_engine_failure.log")])
+    with NodeDaemon(tmp_path, config) as node:
+        r = node.call("POST", "/replicas", {"model": "org/m0", "wait": True, "timeout_s": 120})
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        first, cause = message.splitlines()[:2]
+        assert first == "replica exited with code 1 before it was ready. Root cause:"
+        assert cause.startswith("ValueError: To serve at least one request with the model's "
+                                "max seq len (2048)"), message
+        assert "Last output:" in message and "See root cause above" in message

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from ..tokens import TokenError, local_node_token
+from ..vllmlog import root_cause
 from .config import NodeRef, RouterConfig, explicit_node_token, is_loopback
 from .policy import NodeView, ReplicaView, TierView
 from .upstream import UpstreamErrors, deadline, read_json
@@ -26,32 +26,7 @@ class NodeUnavailable(Exception):
     pass
 
 
-# The last line of a Python traceback, `pkg.module.SomeError: message`, as vLLM and its engine
-# core process print it (the latter behind "(EngineCore pid=N) ERROR <date> [file:line] ").
-_LOG_PREFIX = re.compile(r"^(?:\([^)]*pid=\d+\)\s*)?(?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\]\s*)?")
-_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
-                        r"(?::\s.*)?$")
-# Wrappers that only point at the real cause printed before them.
-_GENERIC = ("See root cause above", "Engine core initialization failed")
 MAX_REASON_CHARS = 1000
-
-
-def root_cause(output: str) -> str | None:
-    """The most informative exception line in a replica's output: the last one that is not
-    a wrapper pointing "above" (vLLM's API server only says the engine core failed; the engine
-    core printed why), with the indented lines that continue it (pydantic's details)."""
-    lines = [_LOG_PREFIX.sub("", line.rstrip()) for line in output.splitlines()]
-    found = [i for i, line in enumerate(lines) if _EXCEPTION.match(line)]
-    if not found:
-        return None
-    specific = [i for i in found if not any(g in lines[i] for g in _GENERIC)]
-    i = (specific or found)[-1]
-    picked = [lines[i]]
-    for line in lines[i + 1 : i + 4]:  # e.g. "1 validation error for ModelConfig" + details
-        if not line.startswith("  ") or line.lstrip().startswith(("File ", "^", "Traceback")):
-            break
-        picked.append(line.strip())
-    return " ".join(picked)
 
 
 def replica_failure(status: int, info: object) -> str:
@@ -70,7 +45,8 @@ def replica_failure(status: int, info: object) -> str:
             return f"the replica was not ready in time (still {state})"
         return f"HTTP {status}, replica state {state!r}" if isinstance(state, str) else \
             f"HTTP {status}"
-    summary = err.strip().splitlines()[0].removesuffix("Last output:").strip()
+    summary = (err.strip().splitlines()[0].removesuffix("Last output:")
+               .removesuffix("Root cause:").strip())
     cause = root_cause(err)
     reason = summary if cause is None or cause in summary else f"{summary} Cause: {cause}"
     return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vllmlog import RootCause
 from .replicaargs import redact
 from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
 
@@ -150,6 +151,10 @@ class Replica:
     holds_tier: bool = False  # its tier copy is marked in use (until it has loaded)
     log_path: str | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
+    # The exception behind a failure, from the whole output (vLLM prints the engine core's
+    # tens of lines before its last words, which only point "above").
+    cause: RootCause = field(default_factory=RootCause, repr=False)
+    output_done: threading.Event = field(default_factory=threading.Event, repr=False)
     ready: threading.Event = field(default_factory=threading.Event, repr=False)
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -171,8 +176,24 @@ class Replica:
         }
 
 
+def failure(replica: Replica, what: str) -> str:
+    """A failed replica's error: what happened, its root cause, and its last output."""
+    cause = replica.cause.result()
+    return (what + (f" Root cause:\n{cause}" if cause else "")
+            + f"\nLast output:\n{stderr_tail(replica)}")
+
+
 def stderr_tail(replica: Replica, lines: int = 15) -> str:
     return "\n".join(list(replica.tail)[-lines:])
+
+
+@contextlib.contextmanager
+def _done(event: threading.Event):
+    """Set `event` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        event.set()
 
 
 #: GiB of KV cache for a CPU replica that nothing else sizes (see Launcher.environment).
@@ -336,13 +357,14 @@ class Launcher:
 
     def _read_output(self, replica: Replica, log, hidden: list[str]) -> None:
         assert replica.process is not None and replica.process.stdout is not None
-        with log:
+        with log, _done(replica.output_done):
             for line in replica.process.stdout:
                 for secret in hidden:  # vLLM logs its non-default arguments
                     line = line.replace(secret, "***")
                 log.write(line)
                 log.flush()
                 replica.tail.append(line.rstrip("\n"))
+                replica.cause.feed(line)
                 match = LOAD_LINE.search(line)
                 if match:
                     seconds = float(match["s"])
@@ -364,8 +386,8 @@ class Launcher:
         with httpx.Client(timeout=2.0) as client:
             while process.poll() is None and not replica.ready.is_set():
                 if time.monotonic() > deadline:
-                    replica.error = (f"not ready after {self.ready_timeout_s:.0f} s; stopped. "
-                                     f"Last output:\n{stderr_tail(replica)}")
+                    replica.error = failure(
+                        replica, f"not ready after {self.ready_timeout_s:.0f} s; stopped.")
                     self.stop(replica)
                     break
                 try:
@@ -383,17 +405,16 @@ class Launcher:
         returncode = process.wait()
         replica.returncode = returncode
         end_group(process.pid)  # what the API server left (an engine core it did not stop)
+        replica.output_done.wait(5)  # the error below names the last lines it printed
         if replica.state == "stopping":
             replica.state = "stopped"
         elif not replica.ready.is_set():
             replica.state = "failed"
-            replica.error = replica.error or (
-                f"replica exited with code {returncode} before it was ready. Last output:\n"
-                f"{stderr_tail(replica)}")
+            replica.error = replica.error or failure(
+                replica, f"replica exited with code {returncode} before it was ready.")
         else:
             replica.state = "exited"
-            replica.error = (f"replica exited with code {returncode}. Last output:\n"
-                             f"{stderr_tail(replica)}")
+            replica.error = failure(replica, f"replica exited with code {returncode}.")
         replica.mark("end")
         self._forget(process.pid)
         if self.on_end:
