@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from vllm_server import free_port, vllm_env, wait_healthy  # noqa: E402
 
-TOKEN = "bench"
+TOKEN = "bench-admin-token-of-the-router"  # the router's admin token
 
 
 class Service:
@@ -76,7 +76,8 @@ def node_config(workdir: Path, name: str, command: list[str] | None,
                 extra_args: tuple[str, ...] = (), device: str | None = None) -> dict:
     from sllm_plugin.store.replicas import detect_devices
 
-    config = {"port": free_port(), "token": TOKEN, "state_dir": str(workdir / f"{name}-state"),
+    # No token configured: the node makes its own in its state directory (node_token_file).
+    config = {"port": free_port(), "state_dir": str(workdir / f"{name}-state"),
               "dram": {"path": f"/dev/shm/sllm-bench-{name}", "capacity": 10**9},
               "ssd": {"path": str(workdir / f"{name}-ssd"), "capacity": 10**9},
               "devices": [device or detect_devices()[0].name],
@@ -86,6 +87,11 @@ def node_config(workdir: Path, name: str, command: list[str] | None,
     if command:
         config["replica_command"] = command
     return config
+
+
+def node_token_file(workdir: Path, name: str) -> str:
+    """Where the node `name` (node_config) made its token."""
+    return str(workdir / f"{name}-state" / "token")
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str,
@@ -167,7 +173,8 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
         ("--token-interval-ms", str(interval_ms))))
     router = Service(workdir, "rb-router", "router", {
         "port": free_port(), "admin_token": TOKEN,
-        "nodes": [{"name": "n", "url": node.url, "token": TOKEN}],
+        "nodes": [{"name": "n", "url": node.url,
+                   "token_file": node_token_file(workdir, "rb-node")}],
         "models": {"bench/fast": {"source": str(model_dir), "keep_alive_s": 3600}},
         "limits": {"max_queue": 4096, "max_tokens": 4096}})
     try:
@@ -215,8 +222,8 @@ def migration_pause(workdir: Path, model_dir: Path, repeats: int) -> list[dict]:
         for n, core in zip(("a", "b"), cores, strict=True)]
     router = Service(workdir, "mb-router", "router", {
         "port": free_port(), "admin_token": TOKEN,
-        "nodes": [{"name": n, "url": s.url, "token": TOKEN} for n, s in zip("ab", nodes,
-                                                                              strict=True)],
+        "nodes": [{"name": n, "url": s.url, "token_file": node_token_file(workdir, f"mb-{n}")}
+                  for n, s in zip("ab", nodes, strict=True)],
         "models": {"bench/llama": {"source": str(model_dir), "max_replicas": 2,
                                    "keep_alive_s": 3600, "target_load": 1000}}})
     admin = {"Authorization": f"Bearer {TOKEN}"}

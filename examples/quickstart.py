@@ -210,8 +210,11 @@ def node_and_router(hf_dir: Path, workdir: Path) -> int:
         status = httpx.get(f"http://127.0.0.1:{node_port}/status").json()
         print("   node tiers (read bandwidth measured at start): " + ", ".join(
             f"{t['name']} {t['read_gbps']:.2f} GB/s at {t['path']}" for t in status["tiers"]))
+        # The node made its token in its state directory; a router on this host could find
+        # it in the default one by itself, and is told where this one is.
         router = start_daemon(["router", "--port", str(router_port), "--node",
-                               f"http://127.0.0.1:{node_port}", "--model",
+                               f"http://127.0.0.1:{node_port}", "--node-token-file",
+                               str(workdir / "node-state" / "token"), "--model",
                                f"demo/model={hf_dir.resolve()}"], router_port,
                               workdir / "router.log")
         started = time.monotonic()
