@@ -366,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         extra = _EXTRA_FOR.get(args.command, "torch")
         print(f"sllm {args.command}: error: this command needs the Python package {e.name!r}, "
-              f"which is not installed here; pip install 'sllm-plugin[{extra}]' brings it",
+              f"which is not installed here; the '{extra}' extra brings it (pip install "
+              f"'.[{extra}]' in the checkout)",
               file=sys.stderr)
         return EXIT_MISSING
 
