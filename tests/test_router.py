@@ -237,7 +237,12 @@ def test_clients_waiting_for_a_replica_that_fails_get_a_503_with_its_root_cause(
 
 def test_a_second_replica_is_adopted_and_prefix_affinity_holds_until_overload(cluster):
     router, nodes = cluster["router"], cluster["nodes"]
-    nodes["a"].ok("POST", "/replicas", {"model": MODEL, "wait": True})
+    # One replica per node, started behind the router's back: it adopts them. (Usually b has
+    # one from the first test; a placement before this one may have freed it for a model
+    # whose checkpoint b was faster to fetch, which the policy may do with an idle replica.)
+    have = {r["node"] for r in ready_replicas(router)}
+    for name in sorted(set(nodes) - have):
+        nodes[name].ok("POST", "/replicas", {"model": MODEL, "wait": True})
     wait_for(lambda: len(ready_replicas(router)) == 2, what="two ready replicas")
     long_prompt = "".join(f"{i} alpha beta gamma delta. " for i in range(60))  # > 4 blocks
     r = completion(router, prompt=long_prompt, max_tokens=4)
