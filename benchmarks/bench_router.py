@@ -44,6 +44,8 @@ import httpx
 import psutil
 import yaml
 
+from sllm_plugin.tokens import read_token_file
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -233,8 +235,10 @@ def migration_pause(workdir: Path, model_dir: Path, repeats: int) -> list[dict]:
         httpx.post(f"{router.url}/v1/completions", timeout=600,
                    json={**body, "stream": False, "max_tokens": 2}).raise_for_status()
         (first,) = httpx.get(f"{router.url}/admin/replicas", headers=admin).json()
-        other = nodes[1] if first["node"] == "a" else nodes[0]  # the node with a free device
-        httpx.post(f"{other.url}/replicas", headers=admin, timeout=600,
+        other = "b" if first["node"] == "a" else "a"  # the node with a free device
+        token = read_token_file(node_token_file(workdir, f"mb-{other}"))
+        httpx.post(f"{nodes['ab'.index(other)].url}/replicas", timeout=600,
+                   headers={"Authorization": f"Bearer {token}"},
                    json={"model": "bench/llama", "wait": True}).raise_for_status()
         while len([r for r in httpx.get(f"{router.url}/admin/replicas", headers=admin)
                    .json() if r["state"] == "ready"]) < 2:
