@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from .. import tokens
 from ..configfile import ConfigError, read_mapping, validate
-from ..store.names import InvalidModelName, check_model_name
+from ..store.names import InvalidModelName, check_model_name, check_model_names
 
 DEFAULT_PORT = 8080
 
@@ -137,12 +137,7 @@ class RouterConfig(_Strict):
 
     _admin_token = field_validator("admin_token")(_header_safe)
 
-    @field_validator("models")
-    @classmethod
-    def _model_names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
-        for name in models:
-            check_model_name(name)
-        return models
+    _model_names = field_validator("models")(check_model_names)
 
     @model_validator(mode="after")
     def _checks(self) -> RouterConfig:

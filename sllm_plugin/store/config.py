@@ -21,7 +21,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 from ..configfile import ConfigError, read_mapping, validate
 from ..tokens import NODE_TOKEN_ENV, default_node_state_dir, ensure_node_token, token_from
-from .names import check_model_name
+from .names import check_model_names
 
 DEFAULT_PORT = 8073
 DEFAULT_REPLICA_COMMAND = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -93,12 +93,7 @@ class NodeConfig(_Strict):
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
-    @field_validator("models")
-    @classmethod
-    def _names(cls, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
-        for name in models:
-            check_model_name(name)
-        return models
+    _names = field_validator("models")(check_model_names)
 
     @field_validator("devices")
     @classmethod

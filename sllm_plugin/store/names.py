@@ -31,6 +31,13 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_model_names(models: dict[str, object]) -> dict[str, object]:
+    """A configuration's models, if every name is safe (a pydantic field validator)."""
+    for name in models:
+        check_model_name(name)
+    return models
+
+
 def dir_name(name: str) -> str:
     """The directory name of a model inside a tier: `org/model` -> `org--model`."""
     return check_model_name(name).replace("/", SEPARATOR)
