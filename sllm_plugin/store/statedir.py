@@ -74,7 +74,7 @@ class StateLock:
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Remove what a killed daemon's `write_atomic` left (`.NAME.XXXX.tmp`)."""
+    """Remove what a killed daemon's `write_atomic` left (`.NAME.<random>.tmp`)."""
     for leftover in directory.glob(".*.tmp"):
         with contextlib.suppress(OSError):
             if leftover.is_file() and not leftover.is_symlink():
