@@ -30,7 +30,9 @@ def build(upstream: str) -> web.Application:
         body = await request.read()
         async with request.app["session"].post(
                 upstream + request.path, data=body,
-                headers={"Content-Type": "application/json"}) as r:
+                headers={"Content-Type": "application/json",
+                         **({"Authorization": request.headers["Authorization"]}
+                            if "Authorization" in request.headers else {})}) as r:
             response = web.StreamResponse(status=r.status, headers={
                 "Content-Type": r.headers.get("Content-Type", "application/json")})
             await response.prepare(request)

@@ -97,12 +97,12 @@ def node_token_file(workdir: Path, name: str) -> str:
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str,
-                     tokens: int) -> dict:
+                     tokens: int, headers: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first = None
     ids: list[int] = []
     delays: list[float] = []  # each token: written by the upstream -> read here
-    async with session.post(f"{url}/v1/completions", json={
+    async with session.post(f"{url}/v1/completions", headers=headers, json={
             "model": model, "prompt": "hello", "max_tokens": tokens, "stream": True,
             "return_token_ids": True}) as r:
         r.raise_for_status()
@@ -122,7 +122,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str,
 
 
 async def level(url: str, model: str, concurrency: int, count: int, tokens: int,
-                stagger_s: float = 0.0) -> dict:
+                stagger_s: float = 0.0, headers: dict | None = None) -> dict:
     """`count` streams through `concurrency` workers. Worker i starts i x `stagger_s` late, so
     paced streams spread over the token interval as independent clients' do, instead of all
     `concurrency` of them arriving, ticking and finishing in the same millisecond."""
@@ -130,7 +130,7 @@ async def level(url: str, model: str, concurrency: int, count: int, tokens: int,
     # the CPU per streamed chunk, and that CPU is taken from the router and the upstream.
     connector = aiohttp.TCPConnector(limit=concurrency + 8)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await one_stream(session, url, model, tokens)  # connections warm
+        await one_stream(session, url, model, tokens, headers)  # connections warm
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(count):
             queue.put_nowait(i)
@@ -140,7 +140,7 @@ async def level(url: str, model: str, concurrency: int, count: int, tokens: int,
             await asyncio.sleep(i * stagger_s)  # arrival spacing (load shape, not a wait)
             while not queue.empty():
                 queue.get_nowait()
-                results.append(await one_stream(session, url, model, tokens))
+                results.append(await one_stream(session, url, model, tokens, headers))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -191,6 +191,12 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
             "--upstream", replica["url"]])
         router_cpu = psutil.Process(router.proc.pid)
         paths = {"direct": replica["url"], "bare relay": relay.url, "router": router.url}
+        # The direct and relayed paths carry the replica's key, as the router does.
+        key = httpx.get(f"{node.url}/replica-keys", timeout=10, headers={
+            "Authorization": "Bearer " + read_token_file(node_token_file(workdir, "rb-node"))
+        }).json()["keys"][replica["id"].split("/")[1]]
+        auth = {p: {"Authorization": f"Bearer {key}"} if p != "router" else None
+                for p in paths}
         out = {}
         for c in levels:
             # Paced streams take tokens x pace each: fewer requests at low concurrency.
@@ -200,7 +206,8 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
             for _ in range(repeats):
                 for path, url in paths.items():
                     before = sum(router_cpu.cpu_times()[:2])
-                    result = asyncio.run(level(url, "bench/fast", c, count, tokens, stagger))
+                    result = asyncio.run(level(url, "bench/fast", c, count, tokens, stagger,
+                                               auth[path]))
                     result["router_cpu_us_per_token"] = (
                         (sum(router_cpu.cpu_times()[:2]) - before) / (count * tokens) * 1e6)
                     rounds[path].append(result)

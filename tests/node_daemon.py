@@ -28,18 +28,23 @@ def write_token_file(path: Path, token: str = TOKEN) -> Path:
 
 
 class ServiceProcess:
-    """A daemon started as `python -m sllm_plugin.cli ARGS`, ready once /health answers."""
+    """A daemon started as `python -m sllm_plugin.cli ARGS`, ready once /health answers.
 
-    def __init__(self, workdir: Path, name: str, argv: list[str], port: int) -> None:
-        self.workdir, self.argv = workdir, argv
+    `prefix` runs it through another command (`ip netns exec NS`: on a namespace host, see
+    tests/netns.py), where it is reached at `address`."""
+
+    def __init__(self, workdir: Path, name: str, argv: list[str], port: int,
+                 address: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
+        self.workdir, self.argv, self.prefix = workdir, argv, list(prefix or [])
         self.log_path = workdir / f"{name}.log"
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{address}:{port}"
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url, timeout=600)
 
     def start(self, timeout: float = 120):
         log = open(self.log_path, "a")  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen([sys.executable, "-m", "sllm_plugin.cli", *self.argv],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "sllm_plugin.cli",
+                                      *self.argv],
                                      stdout=log, stderr=subprocess.STDOUT, env=vllm_env())
         log.close()
         wait_healthy(self.url, self.proc, timeout, self.argv[0], self.log_tail)
@@ -80,7 +85,8 @@ class NodeDaemon(ServiceProcess):
     """`sllm node --config CONFIG` with its log in the test's directory; its token is TOKEN,
     from a token file (`token_file: None` in `config`: the daemon makes its own)."""
 
-    def __init__(self, workdir: Path, config: dict, name: str = "node") -> None:
+    def __init__(self, workdir: Path, config: dict, name: str = "node",
+                 prefix: list[str] | None = None) -> None:
         token_file = write_token_file(workdir / f"{name}.token")
         self.config = {"host": "127.0.0.1", "port": free_port(), "token_file": str(token_file),
                        "state_dir": str(workdir / f"{name}-state" if name != "node"
@@ -88,7 +94,7 @@ class NodeDaemon(ServiceProcess):
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         super().__init__(workdir, name, ["node", "--config", str(self.config_path)],
-                         self.config["port"])
+                         self.config["port"], self.config["host"], prefix)
 
     def status(self) -> dict:
         return self.ok("GET", "/status")
@@ -117,13 +123,15 @@ class NodeDaemon(ServiceProcess):
 class RouterProcess(ServiceProcess):
     """`sllm router --config CONFIG`."""
 
-    def __init__(self, workdir: Path, config: dict, name: str = "router") -> None:
+    def __init__(self, workdir: Path, config: dict, name: str = "router",
+                 prefix: list[str] | None = None, argv: list[str] | None = None) -> None:
         self.config = {"host": "127.0.0.1", "port": free_port(), "admin_token": TOKEN,
                        "poll_interval_s": 0.5, **config}
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
-        super().__init__(workdir, name, ["router", "--config", str(self.config_path)],
-                         self.config["port"])
+        super().__init__(workdir, name, ["router", "--config", str(self.config_path),
+                                         *(argv or [])],
+                         self.config["port"], self.config["host"], prefix)
 
 
 class GatedCheckpointServer:
