@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..httperrors import install_request_error_handlers
@@ -33,7 +34,7 @@ from .node import Node, NodeError
 TierName = Literal["dram", "ssd"]
 MAX_WAIT_S = 24 * 3600.0
 WAITING_CALLS = 64  # calls that may wait for a job or a replica at once (each on a thread)
-READERS = 8  # threads that serve the reads (status, models, replicas, jobs)
+READERS = 8  # threads that serve the reads (status, models, replicas, jobs, metrics)
 # Module level: FastAPI resolves these annotations from the module's globals.
 Credentials = Annotated[HTTPAuthorizationCredentials | None,
                         Depends(HTTPBearer(auto_error=False))]
@@ -140,6 +141,11 @@ def create_app(node: Node) -> FastAPI:
     async def status() -> dict[str, Any]:
         """Capacity, devices, tiers (holdings, bandwidths, queues), models and replicas."""
         return await read(node.status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics: tiers, queues, replicas, hits and misses, start-up phases."""
+        return Response(await read(node.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/models")
     async def models() -> dict[str, Any]:

@@ -79,8 +79,9 @@ def status_for(error: Exception) -> int:
 class TierQueue:
     """A FIFO of jobs for one tier, run by one worker thread."""
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self, tier: str, on_finish: Callable[[Job], None] | None = None) -> None:
         self.tier = tier
+        self.on_finish = on_finish  # told of each job once it has finished, done or failed
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # model -> active (queued or running) job
         self._history: list[Job] = []
@@ -138,4 +139,9 @@ class TierQueue:
                 job.bandwidth.observe(job.nbytes, job.finished - job.started)
             with self._lock:
                 self._jobs.pop(job.model, None)
+            if self.on_finish is not None:  # before `done`: a waiter sees it counted
+                try:
+                    self.on_finish(job)
+                except Exception:  # a hook must not stop the queue or hang its waiters
+                    logger.exception("on_finish of job %d", job.id)
             job.done.set()

@@ -24,6 +24,7 @@ from .bandwidth import Bandwidth, calibrate_read
 from .config import ModelEntry, NodeConfig, resolve_token
 from .hugetmpfs import ensure_huge_tmpfs, has_huge_pages
 from .jobs import Job, TierQueue
+from .metrics import NodeMetrics
 from .names import check_model_name
 from .replicaargs import ReplicaArgsError, check_api_args
 from .replicas import Device, Launcher, Replica, ReplicaError, detect_devices, parse_device
@@ -85,7 +86,11 @@ class Node:
             if tier_cfg is not None:
                 self.tiers[name] = Tier(name, tier_cfg.path.expanduser(), tier_cfg.capacity,
                                         Bandwidth())
-        self.queues = {name: TierQueue(name) for name in self.tiers}
+        self.metrics = NodeMetrics(self)  # state read at each scrape; events counted here
+        for tier in self.tiers.values():
+            tier.on_evict = self.metrics.evicted
+        self.queues = {name: TierQueue(name, on_finish=self.metrics.job_finished)
+                       for name in self.tiers}
         self.transfers = {"fetch": Bandwidth(config.remote_bandwidth_gbps), "promote": Bandwidth()}
         self.devices: list[Device] = ([parse_device(d) for d in config.devices]
                                       if config.devices else detect_devices())
@@ -174,14 +179,21 @@ class Node:
 
     # -- fetch and promote ------------------------------------------------------------------
 
-    def prefetch(self, name: str, tier: str = "ssd") -> Job | None:
-        """Queue a fetch (into ssd) or a promotion (into dram); None if it is there already."""
+    def prefetch(self, name: str, tier: str = "ssd", lookup: bool = True) -> Job | None:
+        """Queue a fetch (into ssd) or a promotion (into dram); None if it is there already.
+        `lookup`: count the request's cache hit or miss(es) (see metrics)."""
         self._known(name)
         target = self._tier(tier)
         if target.has(name):
+            if lookup:
+                self.metrics.lookup(tier, hit=True)
             return None
+        if lookup:
+            self.metrics.lookup(tier, hit=False)
         if tier == "dram":
             if "dram" in self.tiers and not self.tiers["ssd"].has(name):
+                if lookup:
+                    self.metrics.lookup("ssd", hit=False)
                 fetch = self._fetch(name)  # remote -> ssd, then ssd -> dram when it is done
                 threading.Thread(target=self._promote_after, args=(fetch,), daemon=True).start()
                 return fetch
@@ -204,8 +216,8 @@ class Node:
         the deadline in place of None. A fetch into dram is a fetch into ssd, then a promotion.
         """
         queued = running = 0.0
-        for _ in range(4):  # fetch, promote; again if the copy was evicted meanwhile
-            job = self.prefetch(name, tier)
+        for attempt in range(4):  # fetch, promote; again if the copy was evicted meanwhile
+            job = self.prefetch(name, tier, lookup=attempt == 0)
             if job is None:
                 return queued, running, None
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -240,7 +252,9 @@ class Node:
         def run() -> None:
             resolved = fetch or self._resolve(name, entry)
             job.nbytes = resolved.nbytes
-            ssd.store(name, resolved.nbytes, resolved.write)
+            # What landed (a conversion's size is an estimate until then): the job's bytes,
+            # its bandwidth sample and the metrics' fetched bytes count that.
+            job.nbytes = ssd.store(name, resolved.nbytes, resolved.write).bytes
 
         job.run = run
         return self.queues["ssd"].submit(job)
@@ -318,7 +332,8 @@ class Node:
             for d in chosen:
                 self.assigned[d.name] = replica.id
             self.replicas[replica.id] = replica
-        threading.Thread(target=self._bring_up, args=(replica, untrusted, trusted, tier),
+        threading.Thread(target=self._bring_up_and_count,
+                         args=(replica, untrusted, trusted, tier),
                          daemon=True,
                          name=f"sllm-replica-{replica.id}-start").start()
         return replica
@@ -348,6 +363,12 @@ class Node:
                             f"{sorted(self.assigned)}", 409)
         return free[:count]
 
+    def _bring_up_and_count(self, replica: Replica, *args) -> None:
+        """`_bring_up`, then observe the start's phases once it has settled."""
+        self._bring_up(replica, *args)
+        replica.ready.wait()  # set when ready, and when it failed or stopped before
+        self.metrics.replica_settled(replica)
+
     def _bring_up(self, replica: Replica, untrusted: list[str], trusted: list[str],
                   tier: str | None) -> None:
         """Get the model into the fastest tier that can take it, then launch the replica."""
@@ -369,6 +390,8 @@ class Node:
             replica.phases.update(queue=queued, fetch=running)
             tier = tier or next(t for t in TIER_ORDER
                                 if t in self.tiers and self.tiers[t].has(name))
+            if replica.state == "queued":  # no tier to fill (misses: counted by `ensure`)
+                self.metrics.lookup(tier, hit=True)
             if replica.state == "stopped":  # stopped while its model was being fetched
                 self._release(replica)
                 replica.finished.set()

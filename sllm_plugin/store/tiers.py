@@ -106,6 +106,8 @@ class Tier:
         self._lock = threading.RLock()
         self._entries: dict[str, Entry] = {}
         self._reserved: dict[str, int] = {}  # in-flight writes: name -> bytes
+        #: Told (tier, bytes, reason) of each copy evicted: reason "request" or "capacity".
+        self.on_evict: Callable[[str, int, str], None] | None = None
         try:
             ensure_private_dir(self.path, f"the {name} tier")
         except UnsafeDirectory as e:
@@ -262,7 +264,7 @@ class Tier:
             if name in self._entries:
                 self._entries[name].in_use = max(0, self._entries[name].in_use - 1)
 
-    def evict(self, name: str, force: bool = False) -> int:
+    def evict(self, name: str, force: bool = False, reason: str = "request") -> int:
         """Remove a model's copy; refused while pinned (unless `force`) or in use."""
         with self._lock:
             entry = self._require(name)
@@ -275,6 +277,8 @@ class Tier:
             self._write_state()
         self._remove_copy(name)
         logger.info("%s: evicted %s (%d bytes)", self.name, name, entry.bytes)
+        if self.on_evict is not None:
+            self.on_evict(self.name, entry.bytes, reason)
         return entry.bytes
 
     def store(self, name: str, nbytes: int, write: Callable[[Path], None]) -> Entry:
@@ -341,7 +345,7 @@ class Tier:
                 f"{name} needs {nbytes / 1e9:.3f} GB in the {self.name} tier; only "
                 f"{free / 1e9:.3f} GB can be freed (pinned or in use: {held})")
         for victim in chosen:
-            self.evict(victim.name)
+            self.evict(victim.name, reason="capacity")
 
     def _remove_copy(self, name: str) -> None:
         # Renamed away first, so the visible name disappears at once and atomically; replicas
