@@ -67,6 +67,15 @@ class FetchConfig(_Strict):
 class NodeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    # Minimal stand-ins (issue 11, the Kubernetes branch) for the lead's versions, same names:
+    # `advertise` is the address other hosts reach the node by; `replica_port_range` the
+    # inclusive ports replicas may listen on (the Kubernetes NetworkPolicy admits that range
+    # from the router). Neither is used by the daemon yet.
+    advertise: str | None = Field(
+        default=None, description="the address other hosts reach this node and its replicas "
+        "by (default: from the interface it serves on)")
+    replica_port_range: tuple[int, int] | None = Field(
+        default=None, description="[LOW, HIGH], inclusive: the ports replicas listen on")
     token_file: Path | None = Field(
         default=None, description="file holding the bearer token for mutating calls (0600); "
         f"default ${NODE_TOKEN_ENV}, else <state_dir>/token, made at first start")
@@ -94,6 +103,14 @@ class NodeConfig(_Strict):
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     _names = field_validator("models")(check_model_names)
+
+    @field_validator("replica_port_range")
+    @classmethod
+    def _port_range(cls, ports: tuple[int, int] | None) -> tuple[int, int] | None:
+        if ports is not None and not 1024 <= ports[0] <= ports[1] <= 65535:
+            raise ValueError(f"{list(ports)} is not [LOW, HIGH] with 1024 <= LOW <= HIGH <= "
+                             "65535")
+        return ports
 
     @field_validator("devices")
     @classmethod
