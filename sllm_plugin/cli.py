@@ -162,6 +162,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"sllm node: error: {e}", file=sys.stderr)
         return 2
+    if args.check_config:
+        return _check_config("node", config)
     logging.getLogger("sllm_plugin").setLevel(logging.INFO)
     from .store.hugetmpfs import HugeTmpfsError
     from .store.node import NodeError
@@ -205,11 +207,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
         if args.node:
             nodes = [{"name": f"node{i}", "url": url, "token_file": args.node_token_file}
                      for i, url in enumerate(args.node)]
-        elif args.node_token_file:
+        elif args.node_token_file and not args.discover:
             raise ValueError("--node-token-file applies to --node nodes; give --node URL "
                              "(or a token_file per node in the --config file)")
         config = load_config(args.config, host=args.host, port=args.port,
-                             admin_token_file=args.admin_token_file, nodes=nodes)
+                             admin_token_file=args.admin_token_file, nodes=nodes,
+                             discover=args.discover)
         for entry in args.model or []:
             name, sep, source = entry.partition("=")
             if not sep or not name or not source:
@@ -219,9 +222,27 @@ def _cmd_router(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"sllm router: error: {e}", file=sys.stderr)
         return 2
+    if args.check_config:
+        return _check_config("router", config, args.node_token_file)
+    if config.discover is not None:  # stand-in until the discovery branch lands
+        print("sllm router: error: --discover is not implemented in this build", file=sys.stderr)
+        return 2
     logging.getLogger("sllm_plugin").setLevel(
         logging.DEBUG if os.environ.get("SLLM_DEBUG") else logging.INFO)
     serve(config)
+    return 0
+
+
+def _check_config(command: str, config, *extra) -> int:
+    """--check-config: the checks a start makes that need no network and change nothing."""
+    from .configcheck import CheckError, check_node, check_router
+
+    try:
+        summary = (check_node if command == "node" else check_router)(config, *extra)
+    except CheckError as e:
+        print(f"sllm {command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"configuration OK: {summary}")
     return 0
 
 
@@ -315,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", nargs="+", help="'cuda:N' or 'cpu:A-B' (default: detected)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip the start-up bandwidth measurement")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the configuration and flags as a start would, start nothing; "
+                        "exit 0 if it would start, 2 saying why not")
     p.set_defaults(func=_cmd_node)
 
     p = sub.add_parser("node-token", help="print the token of this host's node daemon "
@@ -346,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-arg", action="append", metavar="ARG",
                    help="an extra vLLM flag for --model replicas (repeatable), e.g. "
                         "--replica-arg=--enforce-eager")
+    p.add_argument("--discover", metavar="dns://NAME:PORT",
+                   help="every address NAME resolves to is a node daemon on PORT (e.g. a "
+                        "Kubernetes headless Service); --node-token-file is their token")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the configuration and flags as a start would, start nothing; "
+                        "exit 0 if it would start, 2 saying why not")
     p.set_defaults(func=_cmd_router)
     return parser
 

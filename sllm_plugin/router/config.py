@@ -141,8 +141,27 @@ class RouterConfig(_Strict):
         5.0, gt=0, description="a node unanswered this long is lost: its replicas are "
         "forgotten and their streams fail over; it is re-admitted when it answers again. A "
         "lost node is noticed within unhealthy_after_s + node_timeout_s + poll_interval_s")
+    # Minimal stand-in (issue 11, the Kubernetes branch) for the discovery branch's field of
+    # the same name: `dns://NAME:PORT`, every A/AAAA record of NAME is a node.
+    discover: str | None = Field(None, description="dns://NAME:PORT: every address NAME "
+                                 "resolves to is a node daemon on PORT")
 
     _admin_token = field_validator("admin_token")(_header_safe)
+
+    @field_validator("discover")
+    @classmethod
+    def _discover(cls, target: str | None) -> str | None:
+        if target is not None:
+            parts = urlsplit(target)
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if (parts.scheme != "dns" or not parts.hostname or port is None
+                    or parts.path not in ("", "/") or parts.query or parts.fragment
+                    or parts.username is not None):
+                raise ValueError(f"{target!r} is not dns://NAME:PORT")
+        return target
 
     _model_names = field_validator("models")(check_model_names)
 
