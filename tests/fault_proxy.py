@@ -48,8 +48,9 @@ class FaultProxy:
         self.bodies.append(body)
         if self.cut_after is not None:
             body = {**body, "max_tokens": self.cut_after}
+        auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         async with aiohttp.ClientSession() as session, session.post(
-                self.upstream + request.path, json=body) as up:
+                self.upstream + request.path, json=body, headers=auth) as up:
             if up.status != 200:
                 return web.Response(status=up.status, body=await up.read(),
                                     content_type="application/json")

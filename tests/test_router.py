@@ -329,11 +329,19 @@ def two_ready_replicas(cluster) -> list[dict]:
                     what="two ready replicas")
 
 
-async def vllm_itself(session, url: str, body: dict) -> dict:
-    """What the replica itself streams for `body`: the truth a moved request must equal, and
-    the text length after each event (where it ends on a whole character)."""
+def replica_key(cluster, replica: dict) -> str:
+    """The replica's serving key, from its node (as the router gets it)."""
+    node, replica_id = replica["id"].split("/")
+    return cluster["nodes"][node].ok("GET", "/replica-keys")["keys"][replica_id]
+
+
+async def vllm_itself(session, replica: tuple[str, str], body: dict) -> dict:
+    """What the replica (url, key) itself streams for `body`: the truth a moved request must
+    equal, and the text length after each event (where it ends on a whole character)."""
     ids, text, boundaries, last = [], "", {}, {}
-    async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as r:
+    url, key = replica
+    async with session.post(f"{url}/v1/completions", json={**body, "stream": True},
+                            headers={"Authorization": f"Bearer {key}"}) as r:
         assert r.status == 200, await r.text()
         async for raw in r.content:
             line = raw.decode().strip()
@@ -348,8 +356,8 @@ async def vllm_itself(session, url: str, body: dict) -> dict:
             "stop_reason": last.get("stop_reason"), "boundaries": boundaries}
 
 
-async def through_router(session, source_url: str, dest_url: str, body: dict, move: str | None,
-                         at: int) -> dict:
+async def through_router(session, source: tuple[str, str], dest: tuple[str, str], body: dict,
+                         move: str | None, at: int) -> dict:
     """`body` run by the router's StreamRunner on the source, moved to the destination right
     after token `at` (move "migration" or "failover"), or not moved (None). Returns what the
     client gets, streamed and not, and the moves."""
@@ -359,14 +367,15 @@ async def through_router(session, source_url: str, dest_url: str, body: dict, mo
     from sllm_plugin.router.policy import MigrationModel
     from sllm_plugin.router.streams import Stream, StreamRunner, final_response
 
-    dest = Replica("dest", 1, MODEL, dest_url)
+    (source_url, source_key), (dest_url, dest_key) = source, dest
+    dest = Replica("dest", 1, MODEL, dest_url, api_key=dest_key)
 
     async def pick(model: str, exclude=()) -> Replica:
         return dest
 
     async with FaultProxy(source_url, cut_after=at if move == "failover" else None,
                           hold_after=at - 1 if move == "migration" else None) as proxy:
-        source = Replica("source", 1, MODEL, proxy.url)
+        source = Replica("source", 1, MODEL, proxy.url, api_key=source_key)
         runner = StreamRunner(session, pick, MigrationModel(), 8, 1, 300)
         stream = Stream("completion", MODEL, body, body["max_tokens"])
         task = asyncio.create_task(runner.run(stream, source))
@@ -421,7 +430,7 @@ def test_stop_strings_end_a_moved_request_exactly_where_they_end_an_unmoved_one(
     the source's stream there), compared with what the replica itself streams unmoved: text,
     token ids, finish reason and stop reason, streamed and not."""
     router = cluster["router"]
-    source, dest = (r["url"] for r in two_ready_replicas(cluster))
+    source, dest = ((r["url"], replica_key(cluster, r)) for r in two_ready_replicas(cluster))
     quiet(router)
     base = {"model": MODEL, "prompt": PROMPT + " Stop.", "max_tokens": STOP_TOKENS,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True}
@@ -495,7 +504,8 @@ def test_draining_a_node_moves_its_streams_off_token_exactly_and_stops_its_repli
     (kept,) = wait_for(lambda: ready_replicas(router) or None, what="a ready replica")
     (spare,) = [n for n in nodes if n != kept["node"]]
     started = nodes[spare].ok("POST", "/replicas", {"model": MODEL, "wait": True})
-    httpx.post(f"{started['url']}/v1/completions", timeout=300, json={
+    httpx.post(f"{started['url']}/v1/completions", timeout=300,
+               headers={"Authorization": f"Bearer {started['api_key']}"}, json={
         "model": MODEL, "prompt": PROMPT, "max_tokens": 2}).raise_for_status()  # warm
     wait_for(lambda: len(ready_replicas(router)) == 2, what="the router adopting it")
     quiet(router)
