@@ -204,11 +204,15 @@ def _cmd_router(args: argparse.Namespace) -> int:
         if args.node:
             nodes = [{"name": f"node{i}", "url": url, "token_file": args.node_token_file}
                      for i, url in enumerate(args.node)]
-        elif args.node_token_file:
-            raise ValueError("--node-token-file applies to --node nodes; give --node URL "
-                             "(or a token_file per node in the --config file)")
+        elif args.node_token_file and not args.discover:
+            raise ValueError("--node-token-file applies to --node and --discover nodes; give "
+                             "--node URL or --discover dns://NAME:PORT (or a token_file per "
+                             "node in the --config file)")
         config = load_config(args.config, host=args.host, port=args.port,
-                             admin_token_file=args.admin_token_file, nodes=nodes)
+                             admin_token_file=args.admin_token_file, nodes=nodes,
+                             discover=args.discover,
+                             discover_token_file=args.node_token_file if args.discover
+                             else None)
         for entry in args.model or []:
             name, sep, source = entry.partition("=")
             if not sep or not name or not source:
@@ -333,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", metavar="URL",
                    help="a node daemon, http(s)://host[:port] (repeatable; default "
                         "http://127.0.0.1:8073)")
+    p.add_argument("--discover", metavar="dns://NAME:PORT",
+                   help="find node daemons in DNS: every A/AAAA record of NAME is a node at "
+                        "http://ADDRESS:PORT, looked up again every discover_interval_s "
+                        "(default 5 s); combines with --node")
     p.add_argument("--node-token-file", metavar="FILE",
-                   help="a file (mode 0600) holding the --node daemons' token (else "
+                   help="a file (mode 0600) holding the --node and --discover daemons' token (else "
                         "SLLM_NODE_TOKEN; a node on this host with neither: the token it "
                         "made in its state directory)")
     p.add_argument("--model", action="append", metavar="NAME=SOURCE",

@@ -111,6 +111,35 @@ class Cluster:
                 logger.warning("node %s: the local node token is unusable: %s", node, e)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
+    # -- membership (discovery adds and removes nodes while the router runs) --------------------
+
+    def add_node(self, ref: NodeRef) -> None:
+        """Start polling `ref` and placing replicas there. Its token is read now (TokenError
+        before anything changes); the next poll fills its status."""
+        if ref.name in self.nodes:
+            raise ValueError(f"there is a node {ref.name!r} already")
+        self.tokens[ref.name] = explicit_node_token(ref)
+        self.nodes[ref.name] = ref
+        self.status[ref.name] = None
+
+    def remove_node(self, name: str, reason: str = "left DNS") -> None:
+        """Forget a node (it left DNS): treated as failed first, so its replicas are lost and
+        their streams fail over; then it is polled, placed on and shown no more."""
+        self.lose_node(name, reason)
+        self.nodes.pop(name, None)
+        self.status.pop(name, None)
+        self.tokens.pop(name, None)
+        self.draining.discard(name)
+
+    def lose_node(self, name: str, reason: str) -> None:
+        # A minimal stand-in, replaced by the lead's lose_node (which also fails the node's
+        # streams over): mark the node's replicas gone and drop those serving nothing.
+        for rep in self.replicas.values():
+            if rep.node == name and rep.state != "gone":
+                logger.warning("replica %s is gone (node %s: %s)", rep.key, name, reason)
+                rep.state = "gone"
+        self._drop_gone()
+
     # -- polling ----------------------------------------------------------------------------
 
     async def poll_once(self) -> None:
@@ -125,12 +154,16 @@ class Cluster:
                 r.raise_for_status()
                 status = await read_json(r)
         except (*UpstreamErrors, ValueError) as e:
+            if name not in self.nodes:
+                return  # removed while this poll ran
             # No new placements there; its replicas stay routable (a busy node answers slowly,
             # and a replica that really died fails its streams over on its own).
             if self.status.get(name) is not None:
                 logger.warning("node %s unreachable: %s", name, e)
             self.status[name] = None
             return
+        if name not in self.nodes:
+            return  # removed while this poll ran: no status, no adopted replicas
         self.status[name] = status
         alive = {r["id"]: r for r in status["replicas"]}
         for rep in list(self.replicas.values()):
@@ -263,6 +296,8 @@ class Cluster:
     async def stop_replica(self, replica: Replica) -> None:
         replica.state = "stopping"
         try:
+            if replica.node not in self.nodes:  # the node left: nothing to ask it
+                raise aiohttp.ClientError(f"node {replica.node} is no longer known")
             url = f"{self.nodes[replica.node].url}/replicas/{replica.node_replica_id}"
             async with self.http.delete(url, headers=self._headers(replica.node),
                                         timeout=deadline(120)):
