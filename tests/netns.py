@@ -394,8 +394,17 @@ class Network:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except NetnsError:
+            if exc is None:
+                raise
+            # The test's own failure is the one to see; what teardown left is cleaned by the
+            # next run (its marker stays).
+            import warnings
+
+            warnings.warn("network teardown after a failure left things behind", stacklevel=2)
 
     def host(self, name: str) -> Host:
         """Make a host: a namespace on the bridge with the next address (.1, .2, ...)."""
