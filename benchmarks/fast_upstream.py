@@ -11,14 +11,16 @@ can check that no token was lost or repeated. Each token's text carries the mome
 written (`" t5@<time.monotonic()>"`, one clock for all processes of the machine), so a client
 measures how long every token took to reach it. A token prompt (list of ids) continues the
 sequence from its length minus the prompt's, as a migrated request does. /health and /metrics
-answer as vLLM's do. It exists to measure the router's own overhead; it stands in for vLLM
-only in that benchmark.
+answer as vLLM's do, and `--middleware` is applied as vLLM applies it (so a node daemon's
+replica guard runs here as in vLLM). It exists to measure the router's own overhead; it
+stands in for vLLM only in that benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import time
 
@@ -87,10 +89,15 @@ def main() -> None:
     parser.add_argument("--model", default="fast")
     parser.add_argument("--token-interval-ms", type=float, default=0.0,
                         help="time between tokens of one stream (0: as fast as possible)")
+    parser.add_argument("--middleware", action="append", default=[],
+                        help="an ASGI middleware class to wrap the app in, as vLLM's flag")
     args, _ = parser.parse_known_args()
+    app = build(args.served_model_name, args.token_interval_ms / 1e3)
+    for middleware in args.middleware:  # as vllm/entrypoints/serve/middleware/register.py
+        module, name = middleware.rsplit(".", 1)
+        app.add_middleware(getattr(importlib.import_module(module), name))
     print(f"fast upstream serving {args.served_model_name} on port {args.port}", flush=True)
-    uvicorn.run(build(args.served_model_name, args.token_interval_ms / 1e3), host=args.host,
-                port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(
-            args.config, host=args.host, port=args.port, token_file=args.token_file,
+            args.config, host=args.host, port=args.port, advertise=args.advertise,
+            token_file=args.token_file,
             state_dir=args.state_dir, allowed_hosts=args.allowed_host,
             devices=args.devices, **{"dram.path": args.dram_dir,
                                      "dram.capacity": args.dram_capacity,
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML configuration file (flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--advertise", metavar="HOST",
+                   help="the address other hosts reach this node and its replicas by (default: "
+                        "--host, or with 0.0.0.0 the first non-loopback interface's)")
     p.add_argument("--token-file",
                    help="file (0600) holding the bearer token for mutating calls; default "
                         "$SLLM_NODE_TOKEN, else STATE_DIR/token, made at first start")

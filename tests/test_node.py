@@ -365,12 +365,11 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         tmp_path, dram_dir, sources, checkpoint_bytes):
     # The replica gets one core (the last), so that confining it to its device is visible.
     core = max(os.sched_getaffinity(0))
-    api_key = "operator-api-key-of-the-test"  # an operator's secret flag, for the logs
+    hf_token = "operator-hf-token-of-the-test"  # an operator's secret flag, for the logs
     config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
                          10 * checkpoint_bytes, devices=[f"cpu:{core}"],
                          replica_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
-    config["models"]["org/m1"]["replica_args"] = ["--api-key", api_key]
-    auth = {"Authorization": f"Bearer {api_key}"}
+    config["models"]["org/m1"]["replica_args"] = ["--hf-token", hf_token]
     node = NodeDaemon(tmp_path, config).start()
     try:
         # A flag the API may not pass: refused at once, naming it; nothing starts.
@@ -392,6 +391,18 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         r = node.call("POST", "/replicas", {"model": "org/m1",
                                             "devices": config["devices"]})
         assert r.status_code == 409 and "in use by replica" in r.json()["error"]["message"]
+        # The replica answers its key only (the router's, from the node's protected API);
+        # its control endpoints not even that, and only from the node itself.
+        auth = {"Authorization": f"Bearer {replica['api_key']}"}
+        assert replica["api_key"] not in json.dumps(node.status())
+        assert httpx.get(f"{replica['url']}/v1/models", timeout=30).status_code == 401
+        assert httpx.post(f"{replica['url']}/reset_prefix_cache", headers=auth,
+                          timeout=30).status_code == 401
+        assert httpx.post(f"{replica['url']}/invocations", timeout=30, json={
+            "model": "org/m1", "prompt": "hi", "max_tokens": 1}).status_code == 401
+        assert node.ok("GET", "/replica-keys")["keys"] == {str(replica["id"]):
+                                                           replica["api_key"]}
+        assert node.call("GET", "/replica-keys", token=None).status_code == 401
         served = httpx.get(f"{replica['url']}/v1/models", headers=auth, timeout=30).json()
         assert served["data"][0]["id"] == "org/m1" and served["data"][0]["max_model_len"] == 256
 
@@ -408,8 +419,9 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         assert "tier dram" in log and "page-cache mapped" in log, log[-3000:]
         # The operator's secret is in neither the command line the log shows nor vLLM's own
         # log of its arguments, nor in the daemon's files.
-        assert "--api-key ***" in log.splitlines()[0] and api_key not in log
-        assert api_key not in (tmp_path / "state" / "logs" / "replica-pids.json").read_text()
+        assert "--hf-token ***" in log.splitlines()[0] and hf_token not in log
+        assert replica["api_key"] not in log
+        assert hf_token not in (tmp_path / "state" / "logs" / "replica-pids.json").read_text()
         dram = node.tier("dram")
         assert dram["observed_loads"] == 1 and dram["read_gbps"] == dram["observed_gbps"]
 

@@ -113,7 +113,16 @@ class Router:
         self.metrics.migration_pause.labels(stream.model, record["reason"]).observe(
             record["pause_s"])
 
+    def _replicas_lost(self, replicas: list) -> None:
+        """A node was lost: its replicas' open responses are closed, so their streams fail
+        over now (a partitioned replica would otherwise keep them waiting)."""
+        closed = self.runner.open.close(r.key for r in replicas)
+        if closed:
+            logger.warning("closed %d upstream responses of %s", closed,
+                           ", ".join(r.key for r in replicas))
+
     async def start(self) -> None:
+        self.cluster.on_lost = self._replicas_lost
         self.http = self.cluster.http = self.runner.http = open_session()
         await self.cluster.register_models()
         if self.discovery is not None:  # registers the models on the nodes it finds
@@ -317,8 +326,11 @@ def create_app(config: RouterConfig) -> FastAPI:
         relaying = False  # once the stream is handed on, `relay` releases the replica
         try:
             r = await router.http.post(f"{replica.url}{path}", json=body,
+                                       headers=replica.headers,
                                        timeout=timeout(config.limits.upstream_timeout_s))
             relaying = bool(body.get("stream")) and r.status == 200
+            if relaying:  # closed, like a stream's, if the replica's node is lost
+                router.runner.open.add(replica.key, r)
             if not relaying:
                 try:
                     content = await r.read()
@@ -340,6 +352,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             nonlocal released
             if not released:
                 released = True
+                router.runner.open.discard(replica.key, r)
                 r.close()
                 replica.in_flight -= 1
 
@@ -391,6 +404,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         views = {v.name: v for v in router.cluster.views()}
         return [{"name": name, "url": ref.url,
                  "reachable": router.cluster.status.get(name) is not None,
+                 "healthy": name not in router.cluster.failed,
                  "draining": name in router.cluster.draining,
                  "free_devices": views[name].free_devices,
                  "replicas": [r.key for r in router.cluster.replicas.values()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -67,6 +68,12 @@ class Replica:
     started_at: float = field(default_factory=time.monotonic)
     phases: dict = field(default_factory=dict)
     tier: str | None = None
+    # The replica's serving key from its node (see sllm_plugin.vllm.guard); never shown.
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def key(self) -> str:
@@ -99,6 +106,14 @@ class Cluster:
         self.starting: dict[str, int] = {}  # node -> replicas being started by this router
         self.tokens: dict[str, str | None] = {n.name: explicit_node_token(n)
                                               for n in config.nodes}
+        # Health: when each node last answered; the nodes lost (unanswered for
+        # `unhealthy_after_s`) and not yet back; the nodes whose next good answer is their
+        # first (at start, or after a loss), whose replicas are then adopted afresh.
+        now = time.monotonic()
+        self.last_answer: dict[str, float] = {n: now for n in self.nodes}
+        self.failed: set[str] = set()
+        self.fresh: set[str] = set(self.nodes)
+        self.on_lost: Callable[[list[Replica]], None] | None = None
 
     def _headers(self, node: str) -> dict[str, str]:
         token = self.tokens.get(node)
@@ -121,24 +136,17 @@ class Cluster:
         self.tokens[ref.name] = explicit_node_token(ref)
         self.nodes[ref.name] = ref
         self.status[ref.name] = None
+        self.last_answer[ref.name] = time.monotonic()
+        self.fresh.add(ref.name)
 
     def remove_node(self, name: str, reason: str = "left DNS") -> None:
-        """Forget a node (it left DNS): treated as failed first, so its replicas are lost and
-        their streams fail over; then it is polled, placed on and shown no more."""
+        """Forget a node (it left DNS): lost first (`lose_node`: its replicas are forgotten,
+        their streams fail over), then no longer polled, placed on or shown."""
         self.lose_node(name, reason)
-        self.nodes.pop(name, None)
-        self.status.pop(name, None)
-        self.tokens.pop(name, None)
-        self.draining.discard(name)
-
-    def lose_node(self, name: str, reason: str) -> None:
-        # A minimal stand-in, replaced by the lead's lose_node (which also fails the node's
-        # streams over): mark the node's replicas gone and drop those serving nothing.
-        for rep in self.replicas.values():
-            if rep.node == name and rep.state != "gone":
-                logger.warning("replica %s is gone (node %s: %s)", rep.key, name, reason)
-                rep.state = "gone"
-        self._drop_gone()
+        for table in (self.nodes, self.status, self.tokens, self.last_answer):
+            table.pop(name, None)
+        for names in (self.failed, self.fresh, self.draining):
+            names.discard(name)
 
     # -- polling ----------------------------------------------------------------------------
 
@@ -150,20 +158,31 @@ class Cluster:
     async def _poll_node(self, name: str) -> None:
         try:
             async with self.http.get(f"{self.nodes[name].url}/status",
-                                     timeout=deadline(10)) as r:
+                                     timeout=deadline(self.config.node_timeout_s)) as r:
                 r.raise_for_status()
                 status = await read_json(r)
+            if not isinstance(status, dict) or not isinstance(status.get("replicas"), list):
+                raise ValueError("the status is not a node daemon's")
         except (*UpstreamErrors, ValueError) as e:
+            # No new placements there; its replicas stay routable until the node has been
+            # silent for `unhealthy_after_s` (a busy node answers slowly; a replica that really
+            # died fails its streams over on its own).
             if name not in self.nodes:
-                return  # removed while this poll ran
-            # No new placements there; its replicas stay routable (a busy node answers slowly,
-            # and a replica that really died fails its streams over on its own).
+                return  # removed while the call was under way
             if self.status.get(name) is not None:
-                logger.warning("node %s unreachable: %s", name, e)
+                logger.warning("node %s unreachable: %s", name, e or type(e).__name__)
             self.status[name] = None
+            silent = time.monotonic() - self.last_answer[name]
+            if name not in self.failed and silent >= self.config.unhealthy_after_s:
+                self.lose_node(name, f"no answer for {silent:.1f} s "
+                                     f"({type(e).__name__}: {e})")
             return
         if name not in self.nodes:
-            return  # removed while this poll ran: no status, no adopted replicas
+            return
+        self.last_answer[name] = time.monotonic()
+        if name in self.failed:
+            self.failed.discard(name)
+            logger.warning("node %s answers again: re-admitted", name)
         self.status[name] = status
         alive = {r["id"]: r for r in status["replicas"]}
         for rep in list(self.replicas.values()):
@@ -175,13 +194,72 @@ class Cluster:
                     logger.info("replica %s is gone (%s)", rep.key,
                                 info["state"] if info else "unknown to its node")
                 rep.state = "gone"
-        for info in status["replicas"]:  # adopt ready replicas of known models
-            key = f"{name}/{info['id']}"
-            if (info["state"] == "ready" and key not in self.replicas
-                    and info["model"] in self.config.models):
-                self.replicas[key] = Replica(name, info["id"], info["model"], info["url"],
-                                             tier=info.get("tier"), phases=info["phases"])
+        await self._adopt(name, status["replicas"])
         self._drop_gone()
+
+    async def _adopt(self, name: str, infos: list[dict]) -> None:
+        """Take in the node's ready replicas of known models that this router does not know:
+        started by another router, by hand, or by this router before it restarted or before
+        the node was lost. On a node's first answer (at start, or back after a loss), a
+        replica beyond its model's `max_replicas` is stopped rather than adopted: whatever
+        replaced it while the node was away keeps serving, and nothing runs twice."""
+        fresh = name in self.fresh
+        self.fresh.discard(name)
+        new = [info for info in infos if info.get("state") == "ready"
+               and f"{name}/{info.get('id')}" not in self.replicas
+               and info.get("model") in self.config.models]
+        if not new:
+            return
+        keys = await self._replica_keys(name)
+        if name not in self.nodes:
+            return  # removed (left DNS) while the keys were fetched
+        for info in new:
+            key, model = f"{name}/{info['id']}", info["model"]
+            if str(info["id"]) not in keys:
+                logger.warning("replica %s: its node gave no key; not adopted", key)
+                continue
+            replica = Replica(name, int(info["id"]), model, str(info["url"]),
+                              tier=info.get("tier"), phases=dict(info.get("phases") or {}),
+                              api_key=keys[str(info["id"])])
+            alive = [r for r in self.replicas.values() if r.model == model
+                     and r.state in ("starting", "ready")]
+            if fresh and len(alive) >= self.config.models[model].max_replicas:
+                logger.warning("replica %s: %s has %d replicas already (max_replicas); "
+                               "stopping it", key, model, len(alive))
+                self.replicas[key] = replica
+                asyncio.get_running_loop().create_task(self.stop_replica(replica))
+                continue
+            logger.info("adopted replica %s of %s", key, model)
+            self.replicas[key] = replica
+
+    async def _replica_keys(self, name: str) -> dict[str, str]:
+        try:
+            async with self.http.get(f"{self.nodes[name].url}/replica-keys",
+                                     headers=self._headers(name),
+                                     timeout=deadline(self.config.node_timeout_s)) as r:
+                r.raise_for_status()
+                keys = (await read_json(r)).get("keys")
+        except (*UpstreamErrors, ValueError, AttributeError) as e:
+            logger.warning("node %s: replica keys unavailable: %s", name, type(e).__name__)
+            return {}
+        return {str(k): v for k, v in keys.items() if isinstance(v, str)} \
+            if isinstance(keys, dict) else {}
+
+    def lose_node(self, name: str, reason: str) -> list[Replica]:
+        """The node is lost (silent too long, or gone from discovery): no placements there,
+        its replicas are forgotten, and the streams on them fail over now (`on_lost`). When
+        it answers again it is re-admitted, and its replicas are adopted afresh."""
+        self.failed.add(name)
+        self.fresh.add(name)
+        self.status[name] = None
+        lost = [r for r in self.replicas.values() if r.node == name and r.state != "gone"]
+        logger.warning("node %s lost: %s; %d replicas forgotten", name, reason, len(lost))
+        for replica in lost:
+            replica.state = "gone"
+        if self.on_lost is not None and lost:
+            self.on_lost(lost)
+        self._drop_gone()
+        return lost
 
     def _drop_gone(self) -> None:
         for key in [k for k, r in self.replicas.items() if r.state == "gone" and not r.in_flight]:
@@ -191,7 +269,8 @@ class Cluster:
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
-            async with self.http.get(f"{replica.url}/metrics", timeout=deadline(5)) as r:
+            async with self.http.get(f"{replica.url}/metrics", headers=replica.headers,
+                                     timeout=deadline(self.config.node_timeout_s)) as r:
                 r.raise_for_status()
                 text = await r.text()
         except UpstreamErrors:
@@ -227,9 +306,10 @@ class Cluster:
                                    frozenset(m["name"] for m in t["models"]))
                           for t in status["tiers"])
             replicas = tuple(r.view() for r in self.replicas.values() if r.node == name)
-            views.append(NodeView(name, free if name not in self.draining else 0, tiers,
+            usable = name not in self.draining and name not in self.failed
+            views.append(NodeView(name, free if usable else 0, tiers,
                                   status["transfer_gbps"].get("fetch"), replicas,
-                                  healthy=name not in self.draining))
+                                  healthy=usable))
         return views
 
     def model_size(self, model: str) -> int:
@@ -286,7 +366,8 @@ class Cluster:
                                   f"{replica_failure(status, info)}")
         try:
             replica = Replica(node, int(info["id"]), model, str(info["url"]),
-                              tier=info.get("tier"), phases=dict(info.get("phases") or {}))
+                              tier=info.get("tier"), phases=dict(info.get("phases") or {}),
+                              api_key=info.get("api_key"))
         except (KeyError, TypeError, ValueError):
             raise NodeUnavailable(f"node {node} started {model} but described it without an "
                                   "id and url") from None

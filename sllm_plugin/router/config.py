@@ -133,7 +133,14 @@ class RouterConfig(_Strict):
     nodes: list[NodeRef] = Field(default_factory=_default_nodes)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = Field(1.0, gt=0, description="how often each node's status is "
+                                   "read")
+    node_timeout_s: float = Field(2.0, gt=0, description="a node's status call must answer "
+                                  "within this")
+    unhealthy_after_s: float = Field(
+        5.0, gt=0, description="a node unanswered this long is lost: its replicas are "
+        "forgotten and their streams fail over; it is re-admitted when it answers again. A "
+        "lost node is noticed within unhealthy_after_s + node_timeout_s + poll_interval_s")
     discover: str | None = Field(None, description="find nodes in DNS: dns://NAME:PORT, every "
                                  "A/AAAA record of NAME is a node at http://ADDRESS:PORT")
     discover_interval_s: float = Field(5.0, gt=0, description="how often `discover` is looked "

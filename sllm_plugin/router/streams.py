@@ -37,7 +37,7 @@ import aiohttp
 
 from .cluster import Replica
 from .policy import MigrationModel
-from .upstream import UpstreamErrors, loads, sse_batches, timeout
+from .upstream import OpenResponses, UpstreamErrors, loads, sse_batches, timeout
 
 logger = logging.getLogger("sllm_plugin.router")
 
@@ -188,6 +188,7 @@ class StreamRunner:
         self.gap_tokens, self.rounds, self.timeout_s = gap_tokens, rounds, timeout_s
         self.on_migrated = on_migrated
         self.active: dict[str, Stream] = {}
+        self.open = OpenResponses()  # closed by the cluster when a replica's node is lost
 
     # -- the producer -------------------------------------------------------------------
 
@@ -289,7 +290,9 @@ class StreamRunner:
         sent, had = time.monotonic(), len(stream.generated)
         try:
             async with self.http.post(f"{replica.url}{path}", json=body,
-                                      timeout=timeout(self.timeout_s)) as resp:
+                                      headers=replica.headers,
+                                      timeout=timeout(self.timeout_s)) as resp, \
+                    self.open.track(replica.key, resp):
                 answered = time.monotonic()
                 if resp.status != 200:
                     raw = await resp.read()
@@ -521,7 +524,7 @@ class StreamRunner:
             before = len(stream.generated)
             tokens = (stream.prompt_ids or []) + stream.generated
             t0 = time.monotonic()
-            async with self.http.post(f"{dest.url}/v1/completions",
+            async with self.http.post(f"{dest.url}/v1/completions", headers=dest.headers,
                                       timeout=timeout(self.timeout_s), json={
                                           "model": stream.model, "prompt": tokens,
                                           "max_tokens": 1, "temperature": 0}) as r:

@@ -10,8 +10,10 @@ is opened in the application's lifespan, not at import.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -84,3 +86,41 @@ async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[st
             yield batch
     if buffer.strip():
         yield [buffer.rstrip(b"\r").decode()]
+
+
+class OpenResponses:
+    """The upstream responses being read, by replica: a replica whose node was lost (a
+    partition, a crash) can no longer end them, so the router closes them, and every reader
+    sees a broken connection at once (a stream then fails over) instead of waiting out
+    `upstream_timeout_s` on a connection that will never speak again."""
+
+    def __init__(self) -> None:
+        self._by_replica: dict[str, set[aiohttp.ClientResponse]] = collections.defaultdict(set)
+
+    def add(self, replica: str, response: aiohttp.ClientResponse) -> None:
+        self._by_replica[replica].add(response)
+
+    def discard(self, replica: str, response: aiohttp.ClientResponse) -> None:
+        responses = self._by_replica.get(replica)
+        if responses is not None:
+            responses.discard(response)
+            if not responses:
+                del self._by_replica[replica]
+
+    @contextlib.asynccontextmanager
+    async def track(self, replica: str, response: aiohttp.ClientResponse
+                    ) -> AsyncIterator[None]:
+        self.add(replica, response)
+        try:
+            yield
+        finally:
+            self.discard(replica, response)
+
+    def close(self, replicas: Iterable[str]) -> int:
+        """Close every response of `replicas`; returns how many."""
+        closed = 0
+        for key in replicas:
+            for response in list(self._by_replica.pop(key, ())):
+                response.close()
+                closed += 1
+        return closed

@@ -199,6 +199,14 @@ def create_app(node: Node) -> FastAPI:
         node.pin(body.model, body.tier, body.pinned)
         return {"model": body.model, "tier": body.tier, "pinned": body.pinned}
 
+    @app.get("/replica-keys", dependencies=admin)
+    async def replica_keys() -> dict[str, Any]:
+        """The serving key of every live replica, for the router (which sends it as
+        `Authorization: Bearer KEY` to the replica). Behind the node's token, like the start
+        call's answer, the only other place a key appears."""
+        return {"keys": {str(r.id): r.api_key for r in list(node.replicas.values())
+                         if r.state in ("starting", "ready")}}
+
     @app.get("/replicas")
     async def replicas() -> list[dict[str, Any]]:
         return [r.describe() for r in list(node.replicas.values())]
@@ -213,11 +221,13 @@ def create_app(node: Node) -> FastAPI:
         replica = await anyio.to_thread.run_sync(node.start_replica, body.model, body.devices,
                                                  body.count, body.args, body.tier)
         if not body.wait:
-            return JSONResponse(replica.describe(), status_code=202)
+            return JSONResponse({**replica.describe(), "api_key": replica.api_key},
+                                status_code=202)
         await waited(body.timeout_s, replica.ready.wait, body.timeout_s)
         if replica.state == "failed":
             return _error(422, replica.error or "replica failed", "replica_failed")
-        return JSONResponse(replica.describe(),
+        # The caller holds the node's token: it gets the replica's serving key.
+        return JSONResponse({**replica.describe(), "api_key": replica.api_key},
                             status_code=200 if replica.state == "ready" else 202)
 
     @app.delete("/replicas/{replica_id}", dependencies=admin)

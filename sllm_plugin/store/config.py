@@ -39,6 +39,17 @@ class TierConfig(_Strict):
         "(mounted by the node as root if `path` is not one already)")
 
 
+def _no_api_key(args: list[str]) -> list[str]:
+    """vLLM's own `--api-key` would lock the router out: the node gives every replica a key of
+    its own (sllm_plugin.vllm.guard) and hands it to the router; that guard also covers what
+    `--api-key` leaves open."""
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+        raise ValueError("--api-key is not accepted in replica_args: the node protects each "
+                         "replica with a key of its own and gives it to the router (see "
+                         "README, 'Across servers')")
+    return args
+
+
 class ModelEntry(_Strict):
     source: str = Field(description="hub id, local path, or http(s) URL of the model")
     revision: str | None = None
@@ -52,6 +63,8 @@ class ModelEntry(_Strict):
 
         check_url_source(source)  # a SourceError is a ValueError: a validation error
         return source
+
+    _replica_args = field_validator("replica_args")(_no_api_key)
 
 
 class FetchConfig(_Strict):
@@ -70,6 +83,13 @@ class NodeConfig(_Strict):
     token_file: Path | None = Field(
         default=None, description="file holding the bearer token for mutating calls (0600); "
         f"default ${NODE_TOKEN_ENV}, else <state_dir>/token, made at first start")
+    advertise: str | None = Field(
+        default=None, description="the address other hosts reach this node and its replicas "
+        "by (replica URLs use it); default: the bind address, or when that is 0.0.0.0 or ::, "
+        "the first address of an interface that is up and not loopback")
+    replica_port_range: tuple[int, int] | None = Field(
+        default=None, description="replicas listen on free ports of this inclusive range "
+        "(for a firewall or NetworkPolicy), e.g. [20000, 20999]; default: any free port")
     allowed_hosts: list[str] = Field(
         default_factory=list, description="further names clients may use in the Host header "
         "(besides IP literals, localhost, the bind address and this machine's names); "
@@ -94,6 +114,30 @@ class NodeConfig(_Strict):
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     _names = field_validator("models")(check_model_names)
+
+    _replica_args = field_validator("replica_args")(_no_api_key)
+
+    @field_validator("replica_env")
+    @classmethod
+    def _no_api_key_env(cls, env: dict[str, str]) -> dict[str, str]:
+        if "VLLM_API_KEY" in env:
+            _no_api_key(["--api-key"])
+        return env
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, advertise: str | None) -> str | None:
+        from .addresses import check_advertise
+
+        return None if advertise is None else check_advertise(advertise)
+
+    @field_validator("replica_port_range")
+    @classmethod
+    def _port_range(cls, ports: tuple[int, int] | None) -> tuple[int, int] | None:
+        if ports is not None and not 1024 <= ports[0] <= ports[1] <= 65535:
+            raise ValueError(f"replica_port_range {list(ports)}: give [LOW, HIGH] with "
+                             "1024 <= LOW <= HIGH <= 65535")
+        return ports
 
     @field_validator("devices")
     @classmethod

@@ -19,6 +19,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from .addresses import AddressError, advertised_host, url_host
 from .bandwidth import Bandwidth, calibrate_read
 from .config import ModelEntry, NodeConfig, resolve_token
 from .hugetmpfs import ensure_huge_tmpfs, has_huge_pages
@@ -66,6 +67,12 @@ class Node:
         logger.info("mutating calls need 'Authorization: Bearer <token>'; the token is in %s%s",
                     where, " (`sllm node-token` prints it)" if where.startswith("/") and
                     Path(where).parent == self.state_dir else "")
+        try:
+            self.advertise = advertised_host(config.host, config.advertise)
+        except AddressError as e:
+            raise NodeError(str(e), 400) from None
+        logger.info("replicas listen on %s and are reported as http://%s:PORT", config.host,
+                    url_host(self.advertise))
         self.tiers: dict[str, Tier] = {}
         for name in TIER_ORDER:
             tier_cfg = getattr(config, name)
@@ -91,7 +98,9 @@ class Node:
         self.launcher = Launcher(config.replica_command, config.replica_args, config.replica_env,
                                  self.state_dir / "logs", config.ready_timeout_s,
                                  config.stop_timeout_s, on_load=self._on_load,
-                                 on_end=self._on_end)
+                                 on_end=self._on_end, bind_host=config.host,
+                                 advertise_host=self.advertise,
+                                 port_range=config.replica_port_range)
         self.notes: list[str] = []
 
     # -- start-up -----------------------------------------------------------------------
@@ -441,7 +450,7 @@ class Node:
             })
         transfers = {k: v.report().gbps for k, v in self.transfers.items()}
         return {
-            "node": os.uname().nodename, "started": self.started,
+            "node": os.uname().nodename, "started": self.started, "advertise": self.advertise,
             "devices": [{"name": d.name, "replica": self.assigned.get(d.name)}
                         for d in self.devices],
             "tiers": tiers, "transfer_gbps": transfers,

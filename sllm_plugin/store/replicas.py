@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,7 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vllm.guard import CONTROL_KEY_ENV, KEY_ENV, MIDDLEWARE
 from ..vllmlog import RootCause
+from .addresses import is_unspecified_host, url_host
 from .replicaargs import redact
 from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
 
@@ -126,10 +129,22 @@ def children_confined_to(cores: set[int]):
         os.sched_setaffinity(0, own)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> int:
+    """A port free on `host` now: any (the kernel's pick), or the first free one of the
+    inclusive range `ports` (for a firewall or NetworkPolicy that names the replica ports)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = range(ports[0], ports[1] + 1) if ports else [0]
+    for port in candidates:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    error = ReplicaError(f"no free port for a replica in {ports[0]}-{ports[1]}"
+                         if ports else f"no free port on {host}")
+    error.status = 503
+    raise error
 
 
 @dataclass
@@ -158,10 +173,23 @@ class Replica:
     ready: threading.Event = field(default_factory=threading.Event, repr=False)
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"  # the node's advertised address (`addresses.advertised_host`)
+    local_host: str = "127.0.0.1"  # where the node itself connects to the replica
+    # Its two keys (see sllm_plugin.vllm.guard): the serving key goes to the router over the
+    # node's token-protected API; the control key never leaves the node. Neither is in
+    # `describe()`, a log line or the command line.
+    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    control_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     @property
     def url(self) -> str | None:
-        return f"http://127.0.0.1:{self.port}" if self.port else None
+        """The URL other hosts reach the replica by."""
+        return f"http://{url_host(self.host)}:{self.port}" if self.port else None
+
+    @property
+    def local_url(self) -> str | None:
+        """The URL the node daemon itself uses (health checks, control calls)."""
+        return f"http://{url_host(self.local_host)}:{self.port}" if self.port else None
 
     def mark(self, event: str) -> None:
         self.marks[event] = time.time()
@@ -206,8 +234,17 @@ class Launcher:
 
     def __init__(self, command: list[str], base_args: list[str], env: dict[str, str],
                  log_dir: Path, ready_timeout_s: float, stop_timeout_s: float,
-                 on_load=None, on_end=None) -> None:
+                 on_load=None, on_end=None, bind_host: str = "127.0.0.1",
+                 advertise_host: str = "127.0.0.1",
+                 port_range: tuple[int, int] | None = None) -> None:
         self.command, self.base_args, self.env = command, base_args, env
+        # Replicas listen where the daemon listens (its bind address), are reported by its
+        # advertised address, and are reached by the daemon itself through the bind address
+        # (loopback when that is 0.0.0.0 or ::).
+        self.bind_host, self.advertise_host, self.port_range = bind_host, advertise_host, \
+            port_range
+        self.local_host = ("::1" if ":" in bind_host else "127.0.0.1") \
+            if is_unspecified_host(bind_host) else bind_host
         self.log_dir, self.ready_timeout_s = log_dir, ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.on_load = on_load  # (replica, gb, seconds, tier) after the loader's line
@@ -224,7 +261,8 @@ class Launcher:
         own = ["--model", str(replica.path), "--served-model-name", replica.model,
                "--load-format", "sllm",
                "--model-loader-extra-config", json.dumps({"tier": replica.tier}),
-               "--host", "127.0.0.1", "--port", str(replica.port)]
+               "--host", self.bind_host, "--port", str(replica.port),
+               "--middleware", MIDDLEWARE]
         if len(cuda) > 1:
             own += ["--tensor-parallel-size", str(len(cuda))]
         return [*self.command, *untrusted, *self.base_args, *trusted, *own]
@@ -239,6 +277,7 @@ class Launcher:
         env = {**os.environ, **self.env}
         cuda = [d.spec for d in replica.devices if d.kind == "cuda"]
         cpus = [d.spec for d in replica.devices if d.kind == "cpu"]
+        env[KEY_ENV], env[CONTROL_KEY_ENV] = replica.api_key, replica.control_key
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
         if cpus:
@@ -250,11 +289,13 @@ class Launcher:
 
     def launch(self, replica: Replica, untrusted: list[str], trusted: list[str]) -> None:
         """Spawn the process; raises ReplicaError (400) if the command cannot run at all."""
-        replica.port = free_port()
+        replica.host, replica.local_host = self.advertise_host, self.local_host
+        replica.port = free_port(self.bind_host, self.port_range)
         log_path = self.log_dir / f"replica-{replica.id}.log"
         replica.log_path = str(log_path)
         argv = self.argv(replica, untrusted, trusted)
         shown, hidden = redact(argv)
+        hidden += [replica.api_key, replica.control_key]  # should the replica ever echo one
         log = _new_log(log_path)
         log.write("$ " + " ".join(shown) + "\n")
         log.flush()
@@ -376,6 +417,21 @@ class Launcher:
                     if self.on_load:
                         self.on_load(replica, float(match["gb"]), seconds, match["tier"])
 
+    @staticmethod
+    def _unguarded(client, replica: Replica) -> str | None:
+        """Why the replica is not safe to hand out: it serves without its key (a replica
+        command that ignores `--middleware`, or a vLLM without that flag). Fail closed."""
+        import httpx
+
+        try:
+            status = client.get(f"{replica.local_url}/v1/models").status_code
+        except httpx.HTTPError as e:
+            return f"the replica's key check could not be confirmed ({type(e).__name__}); stopped."
+        if status != 401:
+            return (f"the replica answered /v1/models without its key (HTTP {status}): its "
+                    f"command ignores `--middleware {MIDDLEWARE}`; stopped.")
+        return None
+
     def _watch(self, replica: Replica) -> None:
         import httpx
 
@@ -391,7 +447,13 @@ class Launcher:
                     self.stop(replica)
                     break
                 try:
-                    if client.get(f"{replica.url}/health").status_code == 200:
+                    if client.get(f"{replica.local_url}/health").status_code == 200:
+                        unguarded = self._unguarded(client, replica)
+                        if unguarded:  # ends as "failed" below, with this error
+                            replica.error = failure(replica, unguarded)
+                            with contextlib.suppress(ProcessLookupError):
+                                process.send_signal(signal.SIGTERM)
+                            break
                         replica.mark("ready")
                         loaded = replica.marks.get("loaded", replica.marks["spawn"])
                         replica.phases["engine_init"] = replica.marks["ready"] - loaded
