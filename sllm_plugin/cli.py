@@ -208,11 +208,14 @@ def _cmd_router(args: argparse.Namespace) -> int:
             nodes = [{"name": f"node{i}", "url": url, "token_file": args.node_token_file}
                      for i, url in enumerate(args.node)]
         elif args.node_token_file and not args.discover:
-            raise ValueError("--node-token-file applies to --node nodes; give --node URL "
-                             "(or a token_file per node in the --config file)")
+            raise ValueError("--node-token-file applies to --node and --discover nodes; give "
+                             "--node URL or --discover dns://NAME:PORT (or a token_file per "
+                             "node in the --config file)")
         config = load_config(args.config, host=args.host, port=args.port,
                              admin_token_file=args.admin_token_file, nodes=nodes,
-                             discover=args.discover)
+                             discover=args.discover,
+                             discover_token_file=args.node_token_file if args.discover
+                             else None)
         for entry in args.model or []:
             name, sep, source = entry.partition("=")
             if not sep or not name or not source:
@@ -224,9 +227,6 @@ def _cmd_router(args: argparse.Namespace) -> int:
         return 2
     if args.check_config:
         return _check_config("router", config, args.node_token_file)
-    if config.discover is not None:  # stand-in until the discovery branch lands
-        print("sllm router: error: --discover is not implemented in this build", file=sys.stderr)
-        return 2
     logging.getLogger("sllm_plugin").setLevel(
         logging.DEBUG if os.environ.get("SLLM_DEBUG") else logging.INFO)
     serve(config)
@@ -361,8 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", metavar="URL",
                    help="a node daemon, http(s)://host[:port] (repeatable; default "
                         "http://127.0.0.1:8073)")
+    p.add_argument("--discover", metavar="dns://NAME:PORT",
+                   help="find node daemons in DNS: every A/AAAA record of NAME is a node at "
+                        "http://ADDRESS:PORT, looked up again every discover_interval_s "
+                        "(default 5 s); combines with --node")
     p.add_argument("--node-token-file", metavar="FILE",
-                   help="a file (mode 0600) holding the --node daemons' token (else "
+                   help="a file (mode 0600) holding the --node and --discover daemons' token (else "
                         "SLLM_NODE_TOKEN; a node on this host with neither: the token it "
                         "made in its state directory)")
     p.add_argument("--model", action="append", metavar="NAME=SOURCE",

@@ -104,9 +104,13 @@ def check_node(config: NodeConfig) -> str:
         check_dir(tier.path, f"the {name} tier")
         tiers.append(f"{name} {tier.path} ({tier.capacity.human_readable(decimal=False)})")
     devices = ", ".join(config.devices) if config.devices else "detected at start"
-    where = f"{config.host}:{config.port}"
-    if config.advertise:
-        where += f" (advertised as {config.advertise})"
+    from .store.addresses import AddressError, advertised_host
+
+    try:
+        advertised = advertised_host(config.host, config.advertise)
+    except AddressError as e:
+        raise CheckError(str(e)) from None
+    where = f"{config.host}:{config.port} (replicas reported as {advertised})"
     return (f"node on {where}; state {state}; token from {token_where}; "
             f"{'; '.join(tiers) or 'no tiers'}; devices {devices}; "
             f"{len(config.models)} model(s)")

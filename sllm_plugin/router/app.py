@@ -28,6 +28,7 @@ from ..httperrors import install_request_error_handlers
 from .autoscaler import Autoscaler, RouterError
 from .cluster import Cluster
 from .config import ModelSpec, RouterConfig, check_model_name
+from .discovery import Discovery
 from .metrics import RouterMetrics
 from .policy import MigrationModel
 from .prefix import PrefixIndex, prompt_blocks
@@ -104,6 +105,7 @@ class Router:
         self.autoscaler.runner = self.runner
         self.tasks: list[asyncio.Task] = []
         self.recent_moves: collections.deque[dict] = collections.deque(maxlen=256)
+        self.discovery = Discovery(self.cluster, config) if config.discover else None
 
     def _migrated(self, stream: Stream, record: dict) -> None:
         self.recent_moves.append(record)
@@ -123,9 +125,13 @@ class Router:
         self.cluster.on_lost = self._replicas_lost
         self.http = self.cluster.http = self.runner.http = open_session()
         await self.cluster.register_models()
+        if self.discovery is not None:  # registers the models on the nodes it finds
+            await self.discovery.refresh()
         await self.cluster.poll_once()
         self.tasks = [asyncio.create_task(self.cluster.poll_forever()),
                       asyncio.create_task(self.autoscaler.keep_alive_forever())]
+        if self.discovery is not None:
+            self.tasks.append(asyncio.create_task(self.discovery.run_forever()))
 
     async def stop(self) -> None:
         for task in self.tasks:

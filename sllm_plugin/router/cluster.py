@@ -126,6 +126,28 @@ class Cluster:
                 logger.warning("node %s: the local node token is unusable: %s", node, e)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
+    # -- membership (discovery adds and removes nodes while the router runs) --------------------
+
+    def add_node(self, ref: NodeRef) -> None:
+        """Start polling `ref` and placing replicas there. Its token is read now (TokenError
+        before anything changes); the next poll fills its status."""
+        if ref.name in self.nodes:
+            raise ValueError(f"there is a node {ref.name!r} already")
+        self.tokens[ref.name] = explicit_node_token(ref)
+        self.nodes[ref.name] = ref
+        self.status[ref.name] = None
+        self.last_answer[ref.name] = time.monotonic()
+        self.fresh.add(ref.name)
+
+    def remove_node(self, name: str, reason: str = "left DNS") -> None:
+        """Forget a node (it left DNS): lost first (`lose_node`: its replicas are forgotten,
+        their streams fail over), then no longer polled, placed on or shown."""
+        self.lose_node(name, reason)
+        for table in (self.nodes, self.status, self.tokens, self.last_answer):
+            table.pop(name, None)
+        for names in (self.failed, self.fresh, self.draining):
+            names.discard(name)
+
     # -- polling ----------------------------------------------------------------------------
 
     async def poll_once(self) -> None:
@@ -189,6 +211,8 @@ class Cluster:
         if not new:
             return
         keys = await self._replica_keys(name)
+        if name not in self.nodes:
+            return  # removed (left DNS) while the keys were fetched
         for info in new:
             key, model = f"{name}/{info['id']}", info["model"]
             if str(info["id"]) not in keys:
@@ -353,6 +377,8 @@ class Cluster:
     async def stop_replica(self, replica: Replica) -> None:
         replica.state = "stopping"
         try:
+            if replica.node not in self.nodes:  # the node left: nothing to ask it
+                raise aiohttp.ClientError(f"node {replica.node} is no longer known")
             url = f"{self.nodes[replica.node].url}/replicas/{replica.node_replica_id}"
             async with self.http.delete(url, headers=self._headers(replica.node),
                                         timeout=deadline(120)):

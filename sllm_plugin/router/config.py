@@ -141,29 +141,33 @@ class RouterConfig(_Strict):
         5.0, gt=0, description="a node unanswered this long is lost: its replicas are "
         "forgotten and their streams fail over; it is re-admitted when it answers again. A "
         "lost node is noticed within unhealthy_after_s + node_timeout_s + poll_interval_s")
-    # Minimal stand-in (issue 11, the Kubernetes branch) for the discovery branch's field of
-    # the same name: `dns://NAME:PORT`, every A/AAAA record of NAME is a node.
-    discover: str | None = Field(None, description="dns://NAME:PORT: every address NAME "
-                                 "resolves to is a node daemon on PORT")
+    discover: str | None = Field(None, description="find nodes in DNS: dns://NAME:PORT, every "
+                                 "A/AAAA record of NAME is a node at http://ADDRESS:PORT")
+    discover_interval_s: float = Field(5.0, gt=0, description="how often `discover` is looked "
+                                       "up again")
+    discover_token_file: Path | None = Field(None, description="a file (0600) holding the "
+                                             "discovered nodes' token (default "
+                                             "$SLLM_NODE_TOKEN)")
 
     _admin_token = field_validator("admin_token")(_header_safe)
 
+    _model_names = field_validator("models")(check_model_names)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_node_when_discovering(cls, data: Any) -> Any:
+        # With discovery and no nodes listed, the nodes are the discovered ones only (not
+        # also the default local node).
+        if isinstance(data, dict) and data.get("discover") and "nodes" not in data:
+            data = {**data, "nodes": []}
+        return data
+
     @field_validator("discover")
     @classmethod
-    def _discover(cls, target: str | None) -> str | None:
-        if target is not None:
-            parts = urlsplit(target)
-            try:
-                port = parts.port
-            except ValueError:
-                port = None
-            if (parts.scheme != "dns" or not parts.hostname or port is None
-                    or parts.path not in ("", "/") or parts.query or parts.fragment
-                    or parts.username is not None):
-                raise ValueError(f"{target!r} is not dns://NAME:PORT")
-        return target
+    def _discover(cls, url: str | None) -> str | None:
+        from .discovery import parse_discover_url
 
-    _model_names = field_validator("models")(check_model_names)
+        return None if url is None else parse_discover_url(url).url
 
     @model_validator(mode="after")
     def _checks(self) -> RouterConfig:
@@ -190,6 +194,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RouterConfi
             config.admin_token = SecretStr(admin) if admin is not None else None
         for node in config.nodes:
             explicit_node_token(node)  # unreadable or unsafe token files fail here, at start
+        if config.discover is not None:
+            tokens.token_from(config.discover_token_file, tokens.NODE_TOKEN_ENV)
     except tokens.TokenError as e:
         raise ConfigError(f"{path or 'flags'}: {e}") from None
     return config
