@@ -374,9 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-arg", action="append", metavar="ARG",
                    help="an extra vLLM flag for --model replicas (repeatable), e.g. "
                         "--replica-arg=--enforce-eager")
-    p.add_argument("--discover", metavar="dns://NAME:PORT",
-                   help="every address NAME resolves to is a node daemon on PORT (e.g. a "
-                        "Kubernetes headless Service); --node-token-file is their token")
     p.add_argument("--check-config", action="store_true",
                    help="check the configuration and flags as a start would, start nothing; "
                         "exit 0 if it would start, 2 saying why not")

@@ -242,7 +242,7 @@ def test_the_node_takes_its_configuration_and_arguments(overlay, tmp_path):
     assert direct.returncode == 2 and "readable or writable by others" in direct.stderr
     out = _sllm(node["args"], mapping, {"POD_IP": "10.1.2.3"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("configuration OK: node on 0.0.0.0:8073 (advertised as 10.1.2.3)")
+    assert out.stdout.startswith("configuration OK: node on 0.0.0.0:8073 (replicas reported as 10.1.2.3)")
     if name == "gpu":
         assert "devices cuda:0" in out.stdout
     # Nothing was created: no tier or state directory, no lock, no port.

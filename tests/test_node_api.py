@@ -173,7 +173,7 @@ def test_replica_flags_from_the_api_are_allowlisted_and_the_operators_flags_win(
         "source": str(model_dir), "revision": None, "replica_args": ["--trust-remote-code"]}}))
     config = small_config(
         tmp_path, replica_command=ARGV_REPLICA, replica_env={"ARGV_OUT": str(argv_out)},
-        replica_args=["--max-model-len", "256", "--api-key", OPERATOR_SECRET],
+        replica_args=["--max-model-len", "256", "--hf-token", OPERATOR_SECRET],
         models={"org/m0": {"source": str(model_dir), "replica_args": ["--trust-remote-code"]}})
     refused = [
         (["--host", "0.0.0.0"], "--host"), (["--port=1"], "--port"),
@@ -210,18 +210,20 @@ def test_replica_flags_from_the_api_are_allowlisted_and_the_operators_flags_win(
         # then the daemon's own: vLLM keeps the last value of a flag.
         assert argv[:6] == ["--seed", "7", "--max-model-len=512", "--enforce-eager",
                             "--max-model-len", "256"]
-        assert argv.index("--port") > argv.index("--api-key") and "--trust-remote-code" not in argv
+        assert argv.index("--port") > argv.index("--hf-token") and "--trust-remote-code" not in argv
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        # The replica guard is the daemon's own flag (its keys go in the environment).
+        assert argv[argv.index("--middleware") + 1] == "sllm_plugin.vllm.guard.ReplicaGuard"
 
         r = node.call("POST", "/replicas", {"model": "org/m0", "wait": True})
         assert r.status_code == 422
         argv = json.loads(argv_out.read_text())  # the configuration's model flags are trusted
-        assert argv.index("--api-key") < argv.index("--trust-remote-code") < argv.index("--model")
+        assert argv.index("--hf-token") < argv.index("--trust-remote-code") < argv.index("--model")
         # No secret in what the daemon writes or shows: the log's command line and the
         # replica's own output (vLLM prints its arguments) have it masked.
         log = Path(node.ok("GET", "/replicas")[-1]["log"])
         text = log.read_text()
-        assert OPERATOR_SECRET not in text and "--api-key ***" in text.splitlines()[0]
+        assert OPERATOR_SECRET not in text and "--hf-token ***" in text.splitlines()[0]
         assert mode(log) == 0o600
         assert OPERATOR_SECRET not in r.text
         pids = (state / "logs" / "replica-pids.json").read_text()
@@ -232,7 +234,7 @@ def test_replica_flags_from_the_api_are_allowlisted_and_the_operators_flags_win(
 def test_unauthenticated_reads_show_no_replica_flags_and_no_url_credentials(tmp_path):
     url = "https://models.example:8443/ckpt/m0?X-Amz-Signature=abc123#frag"
     config = small_config(tmp_path, models={
-        "org/m0": {"source": url, "replica_args": ["--api-key", OPERATOR_SECRET]}})
+        "org/m0": {"source": url, "replica_args": ["--hf-token", OPERATOR_SECRET]}})
     with NodeDaemon(tmp_path, config) as node:
         for path in ("/models", "/status"):
             text = node.client.get(path).text

@@ -69,9 +69,9 @@ def test_metrics_count_hits_misses_evictions_transfers_and_failed_replicas(tmp_p
         "dram": {"path": str(tmp_path / "dram"), "capacity": size * 3 // 2},  # one model
         "devices": ["cpu:0"], "calibration_bytes": 1024 * 1024,
         "replica_command": ARGV_REPLICA, "replica_env": {"ARGV_OUT": str(argv_out)},
-        "replica_args": ["--api-key", OPERATOR_SECRET],
+        "replica_args": ["--hf-token", OPERATOR_SECRET],
         "models": {"org/m0": {"source": str(sources["org/m0"]),
-                              "replica_args": ["--api-key", MODEL_SECRET]},
+                              "replica_args": ["--hf-token", MODEL_SECRET]},
                    "org/m1": {"source": str(sources["org/m1"])}},
     }
 
@@ -166,7 +166,7 @@ def test_metrics_count_hits_misses_evictions_transfers_and_failed_replicas(tmp_p
         # sources, no model names (labels are tiers, kinds, states and phases only).
         argv = json.loads(argv_out.read_text())
         assert OPERATOR_SECRET in argv  # what the replica was given, and /metrics must not show
-        for secret in (TOKEN, OPERATOR_SECRET, MODEL_SECRET, "--api-key", "org/m0",
+        for secret in (TOKEN, OPERATOR_SECRET, MODEL_SECRET, "--hf-token", "org/m0",
                        str(sources["org/m0"]), str(tmp_path)):
             assert secret not in text, secret
         r = node.client.get("/metrics", headers={"Authorization": "Bearer wrong-token"})
