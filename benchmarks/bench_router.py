@@ -58,13 +58,15 @@ class Service:
     """`sllm node` or `sllm router` with this configuration (or any `argv` with /health)."""
 
     def __init__(self, workdir: Path, name: str, kind: str, config: dict,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, host=None) -> None:
+        """`host`: a namespace host (tests/netns.py) to run on, reached at its address."""
         self.port = config["port"]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host.address if host else '127.0.0.1'}:{self.port}"
         path = workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "sllm_plugin.cli", kind, "--config", str(path)],
+            [*(host.exec_prefix() if host else []),
+             *(argv or [sys.executable, "-m", "sllm_plugin.cli", kind, "--config", str(path)])],
             stdout=open(workdir / f"{name}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=vllm_env())
         wait_healthy(self.url, self.proc, 120, name, lambda: f"see {workdir / name}.log")
@@ -75,11 +77,13 @@ class Service:
 
 
 def node_config(workdir: Path, name: str, command: list[str] | None,
-                extra_args: tuple[str, ...] = (), device: str | None = None) -> dict:
+                extra_args: tuple[str, ...] = (), device: str | None = None,
+                host=None) -> dict:
     from sllm_plugin.store.replicas import detect_devices
 
     # No token configured: the node makes its own in its state directory (node_token_file).
     config = {"port": free_port(), "state_dir": str(workdir / f"{name}-state"),
+              **({"host": host.address, "port": 8073} if host else {}),
               "dram": {"path": f"/dev/shm/sllm-bench-{name}", "capacity": 10**9},
               "ssd": {"path": str(workdir / f"{name}-ssd"), "capacity": 10**9},
               "devices": [device or detect_devices()[0].name],
@@ -169,12 +173,16 @@ def median_of(rounds: list[dict]) -> dict:
 
 
 def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
-             interval_ms: float, repeats: int) -> dict:
+             interval_ms: float, repeats: int, net=None) -> dict:
+    """`net`: a tests/netns.py Network with hosts "node" and "router" to put them on (the
+    client stays in the root namespace, across the bridge from both); else all on loopback."""
+    node_host, router_host = (net.hosts["node"], net.hosts["router"]) if net else (None, None)
     node = Service(workdir, "rb-node", "node", node_config(
         workdir, "rb-node", [sys.executable, str(HERE / "fast_upstream.py")],
-        ("--token-interval-ms", str(interval_ms))))
+        ("--token-interval-ms", str(interval_ms)), host=node_host), host=node_host)
     router = Service(workdir, "rb-router", "router", {
-        "port": free_port(), "admin_token": TOKEN,
+        **({"host": router_host.address, "port": 8080} if router_host else {}),
+        "port": 8080 if router_host else free_port(), "admin_token": TOKEN,
         "nodes": [{"name": "n", "url": node.url,
                    "token_file": node_token_file(workdir, "rb-node")}],
         "models": {"bench/fast": {"source": str(model_dir), "keep_alive_s": 3600}},
@@ -188,7 +196,8 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
         relay_port = free_port()
         relay = Service(workdir, "rb-relay", "relay", {"port": relay_port}, [
             sys.executable, str(HERE / "bare_relay.py"), "--port", str(relay_port),
-            "--upstream", replica["url"]])
+            "--upstream", replica["url"],
+            *(["--host", router_host.address] if router_host else [])], host=router_host)
         router_cpu = psutil.Process(router.proc.pid)
         paths = {"direct": replica["url"], "bare relay": relay.url, "router": router.url}
         # The direct and relayed paths carry the replica's key, as the router does.
@@ -221,16 +230,19 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
         shutil.rmtree("/dev/shm/sllm-bench-rb-node", ignore_errors=True)
 
 
-def migration_pause(workdir: Path, model_dir: Path, repeats: int) -> list[dict]:
+def migration_pause(workdir: Path, model_dir: Path, repeats: int, net=None) -> list[dict]:
+    """`net`: a Network with hosts "a", "b" and "router" to put the nodes and router on."""
     # One core each where there are two, as replicas own their devices in a fleet: replicas
     # sharing cores stall each other for hundreds of ms whenever both compute (a warm-up
     # beside a decode). The node confines each replica's whole process tree to its core.
     cores = [f"cpu:{i}" for i in range(2)] if (os.cpu_count() or 1) >= 2 else [None, None]
+    hosts = {n: net.hosts[n] if net else None for n in ("a", "b", "router")}
     nodes = [Service(workdir, f"mb-{n}", "node", node_config(
-        workdir, f"mb-{n}", None, ("--dtype", "float32"), core))
+        workdir, f"mb-{n}", None, ("--dtype", "float32"), core, hosts[n]), host=hosts[n])
         for n, core in zip(("a", "b"), cores, strict=True)]
     router = Service(workdir, "mb-router", "router", {
-        "port": free_port(), "admin_token": TOKEN,
+        **({"host": hosts["router"].address} if net else {}),
+        "port": 8080 if net else free_port(), "admin_token": TOKEN,
         "nodes": [{"name": n, "url": s.url, "token_file": node_token_file(workdir, f"mb-{n}")}
                   for n, s in zip("ab", nodes, strict=True)],
         "models": {"bench/llama": {"source": str(model_dir), "max_replicas": 2,

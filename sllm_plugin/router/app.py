@@ -405,6 +405,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         return [{"name": name, "url": ref.url,
                  "reachable": router.cluster.status.get(name) is not None,
                  "healthy": name not in router.cluster.failed,
+                 "lost_at": router.cluster.lost_at.get(name),  # wall time of its last loss
                  "draining": name in router.cluster.draining,
                  "free_devices": views[name].free_devices,
                  "replicas": [r.key for r in router.cluster.replicas.values()

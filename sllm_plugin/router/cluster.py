@@ -112,6 +112,7 @@ class Cluster:
         now = time.monotonic()
         self.last_answer: dict[str, float] = {n: now for n in self.nodes}
         self.failed: set[str] = set()
+        self.lost_at: dict[str, float] = {}  # node -> wall time of its last loss
         self.fresh: set[str] = set(self.nodes)
         self.on_lost: Callable[[list[Replica]], None] | None = None
 
@@ -251,6 +252,7 @@ class Cluster:
         it answers again it is re-admitted, and its replicas are adopted afresh."""
         self.failed.add(name)
         self.fresh.add(name)
+        self.lost_at[name] = time.time()
         self.status[name] = None
         lost = [r for r in self.replicas.values() if r.node == name and r.state != "gone"]
         logger.warning("node %s lost: %s; %d replicas forgotten", name, reason, len(lost))

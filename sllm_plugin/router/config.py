@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -28,23 +28,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def check_node_url(url: str) -> str:
-    """`http(s)://host[:port]` (a trailing slash is dropped), else ValueError saying so."""
-    problem = None
+def split_address_url(url: str, schemes: tuple[str, ...]) -> tuple[SplitResult, int | None,
+                                                                    str | None]:
+    """`url` split, its port, and what is wrong with it as `scheme://host[:port]` (None if
+    nothing): a node URL and a discovery URL share these rules."""
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError for a port that is not a number in range
     except ValueError as e:
-        problem = str(e)
-    else:
-        if parts.scheme not in ("http", "https"):
-            problem = "the scheme must be http or https"
-        elif not parts.hostname:
-            problem = "it names no host"
-        elif parts.username is not None or parts.password is not None:
-            problem = "it may not carry credentials (use a token file)"
-        elif parts.path not in ("", "/") or parts.query or parts.fragment:
-            problem = "it may not have a path, query or fragment"
+        return urlsplit(""), None, str(e)
+    problem = None
+    if parts.scheme not in schemes:
+        problem = f"the scheme must be {' or '.join(schemes)}"
+    elif not parts.hostname:
+        problem = "it names no host name"
+    elif parts.username is not None or parts.password is not None:
+        problem = "it may not carry credentials (use a token file)"
+    elif parts.path not in ("", "/") or parts.query or parts.fragment:
+        problem = "it may not have a path, query or fragment"
+    return parts, port, problem
+
+
+def check_node_url(url: str) -> str:
+    """`http(s)://host[:port]` (a trailing slash is dropped), else ValueError saying so."""
+    parts, port, problem = split_address_url(url, ("http", "https"))
     if problem:
         raise ValueError(f"node URL {url!r} is not http(s)://host[:port]: {problem}")
     host = parts.hostname or ""

@@ -27,10 +27,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from ..tokens import TokenError
-from .config import NodeRef, RouterConfig
+from .config import NodeRef, RouterConfig, split_address_url
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -54,28 +53,15 @@ class DiscoverTarget:
 
 def parse_discover_url(url: str) -> DiscoverTarget:
     """`dns://NAME:PORT`, else ValueError saying what is wrong with it."""
-    problem = None
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # ValueError for a port that is not a number in range
-    except ValueError as e:
-        problem = str(e)
-    else:
-        name = (parts.hostname or "").rstrip(".")
-        if parts.scheme != "dns":
-            problem = "the scheme must be dns"
-        elif parts.username is not None or parts.password is not None:
-            problem = "it may not carry credentials (use a token file)"
-        elif not name:
-            problem = "it names no host name to look up"
-        elif len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+    parts, port, problem = split_address_url(url, ("dns",))
+    name = (parts.hostname or "").rstrip(".")
+    if problem is None:
+        if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
             problem = f"{name!r} is not a DNS name"
         elif port is None:
             problem = "it names no port (the node daemons' port, e.g. dns://nodes.example:8073)"
         elif port == 0:
             problem = "the port must be 1 to 65535"
-        elif parts.path not in ("", "/") or parts.query or parts.fragment:
-            problem = "it may not have a path, query or fragment"
     if problem:
         raise ValueError(f"discover URL {url!r} is not dns://NAME:PORT: {problem}")
     return DiscoverTarget(name, port)
