@@ -186,7 +186,7 @@ def overhead(workdir: Path, model_dir: Path, levels: list[int], tokens: int,
         "nodes": [{"name": "n", "url": node.url,
                    "token_file": node_token_file(workdir, "rb-node")}],
         "models": {"bench/fast": {"source": str(model_dir), "keep_alive_s": 3600}},
-        "limits": {"max_queue": 4096, "max_tokens": 4096}})
+        "limits": {"max_queue": 4096, "max_tokens": 4096}}, host=router_host)
     try:
         r = httpx.post(f"{router.url}/v1/completions", timeout=300, json={
             "model": "bench/fast", "prompt": "hello", "max_tokens": 4})
@@ -246,7 +246,8 @@ def migration_pause(workdir: Path, model_dir: Path, repeats: int, net=None) -> l
         "nodes": [{"name": n, "url": s.url, "token_file": node_token_file(workdir, f"mb-{n}")}
                   for n, s in zip("ab", nodes, strict=True)],
         "models": {"bench/llama": {"source": str(model_dir), "max_replicas": 2,
-                                   "keep_alive_s": 3600, "target_load": 1000}}})
+                                   "keep_alive_s": 3600, "target_load": 1000}}},
+        host=hosts["router"])
     admin = {"Authorization": f"Bearer {TOKEN}"}
     body = {"model": "bench/llama", "prompt": "The quick brown fox " * 4, "max_tokens": 300,
             "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
