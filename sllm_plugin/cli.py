@@ -93,6 +93,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for t in index.tensors:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.bytes
     print("  dtypes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(dtypes.items())))
+    print(f"  engine shape: {_shape_line(args.path, index)}")
     for t in index.tensors[: args.limit]:
         print(f"    {t.name:<60} {t.dtype:<14} {str(t.shape):<20} {t.file}@{t.offset}")
     if len(index.tensors) > args.limit:
@@ -100,6 +101,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for alias, target in index.aliases.items():
         print(f"    {alias} -> {target}")
     return 0
+
+
+def _shape_line(path: str, index) -> str:
+    """The engine shape, recomputed from the files (authoritative), and whether the index
+    recorded the same value."""
+    from .format.shape import checkpoint_shape, stored_shape
+
+    stored = stored_shape(index, path)
+    digest = checkpoint_shape(path).digest
+    if stored is None:
+        return f"{digest[:16]} (computed)"
+    if stored == digest:
+        return f"{digest[:16]} (stored)"
+    return (f"{digest[:16]} (computed; the index records {stored[:16]}: the model files "
+            "changed since conversion)")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -68,7 +68,10 @@ def test_single_safetensors_file_with_every_safetensors_dtype(tmp_path):
     save_file(state, tmp_path / "weights.safetensors", metadata={"format": "pt"})
     out = convert(tmp_path / "weights.safetensors", tmp_path / "out", quiet=True)
     assert_bit_equal(state, load_state_dict(out))
-    assert json.loads((out / "sllm-index.json").read_text())["metadata"] == {"format": "pt"}
+    metadata = json.loads((out / "sllm-index.json").read_text())["metadata"]
+    # the source's safetensors metadata is kept; the converter adds the engine shape
+    assert metadata.pop("engine_shape_version") == "1" and len(metadata.pop("engine_shape")) == 64
+    assert metadata == {"format": "pt"}
 
 
 def test_hub_id_through_the_offline_cache(tiny_model, tiny_model_state, tmp_path):

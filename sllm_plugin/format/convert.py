@@ -23,6 +23,7 @@ from .index import Source
 from .reader import is_checkpoint, is_engine_checkpoint
 from .safefs import open_file, read_regular, real_directory, resolve_inside, stat_regular
 from .safetensors_source import SafetensorsTensor, read_safetensors_header
+from .shape import shape_metadata, shape_of_files
 from .spec import DEFAULT_CHUNK_BYTES, DEFAULT_PARTITION_BYTES, INDEX_FILENAME, align_up
 from .writer import CheckpointWriter, check_destination
 
@@ -281,6 +282,10 @@ def convert(
             writer.add_tensor(t.name, t.dtype, t.shape, _stream(path, t, buf))
         for side in source.side_files:
             writer.copy_file(side, root=source.root)
+        # From the staged files, exactly what is committed; replaces any value the source's
+        # safetensors metadata carried.
+        shape = shape_of_files(writer.staging, {t.dtype for _, t in plan})
+        writer.metadata.update(shape_metadata(shape))
         out = writer.commit()
     seconds = time.perf_counter() - started
     logger.info(
