@@ -237,6 +237,15 @@ def test_engine_layout_uses_the_engine_dtype(models, tmp_path):
     e = checkpoint_shape(top)
     assert e.components["dtype"] == "float16"
     assert explain_mismatch(checkpoint_shape(models["a"]), e) == ["dtype bfloat16 != float16"]
+    # save-vllm records it in the rank index once the side files are staged
+    from sllm_plugin.format.reader import open_model_checkpoints
+    from sllm_plugin.vllm.save import record_shape
+
+    assert stored_shape(read_index_file(top / "rank-00000")) is None
+    record_shape(top, 1)
+    [rank0] = open_model_checkpoints(top)
+    assert stored_shape(rank0.index) == e.digest == checkpoint_shape(top).digest
+    assert not [p for p in top.rglob("*.new")], "the temporary index was left behind"
 
 
 def test_engine_shape():

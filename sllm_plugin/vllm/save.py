@@ -8,17 +8,22 @@ after every rank has written, so a failed save leaves nothing that looks like a 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ..format.convert import resolve_source, side_files, source_root
 from ..format.errors import FormatError
+from ..format.index import read_index_file
 from ..format.reader import is_checkpoint, open_checkpoint
+from ..format.shape import checkpoint_shape, shape_metadata
+from ..format.spec import INDEX_FILENAME
 from ..format.writer import (
     check_destination,
     commit_directory,
     copy_regular_file,
+    create_file,
     new_staging_dir,
 )
 from .resolve import rank_dir
@@ -59,6 +64,7 @@ def save_vllm(
             root, sides = resolved.root, resolved.side_files
         for side in sides:  # regular files only, never through a link out of the source
             copy_regular_file(side, staging / side.name, root=root)
+        record_shape(staging, tensor_parallel_size)
         commit_directory(staging, destination, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -66,4 +72,20 @@ def save_vllm(
     return destination
 
 
-__all__ = ["FormatError", "save_vllm"]
+def record_shape(staging: Path, tensor_parallel_size: int) -> None:
+    """Add the engine shape of a staged engine checkpoint (its side files are in place) to
+    every rank's index metadata; the staging directory is ours alone until committed."""
+    shape = shape_metadata(checkpoint_shape(staging))
+    for rank in range(tensor_parallel_size):
+        path = rank_dir(staging, rank) / INDEX_FILENAME
+        index = read_index_file(path.parent)
+        text = index.model_copy(update={"metadata": {**index.metadata, **shape}}).to_json()
+        fresh = path.with_name(INDEX_FILENAME + ".new")
+        with create_file(fresh, os.stat(path).st_mode & 0o777) as fh:
+            fh.write(text.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(fresh, path)
+
+
+__all__ = ["FormatError", "record_shape", "save_vllm"]
