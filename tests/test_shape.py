@@ -246,6 +246,10 @@ def test_engine_layout_uses_the_engine_dtype(models, tmp_path):
     [rank0] = open_model_checkpoints(top)
     assert stored_shape(rank0.index) == e.digest == checkpoint_shape(top).digest
     assert not [p for p in top.rglob("*.new")], "the temporary index was left behind"
+    # one rank directory on its own (what `sllm inspect` is given): the same shape
+    assert checkpoint_shape(top / "rank-00000").digest == e.digest
+    r = run_cli("inspect", str(top / "rank-00000"))
+    assert f"engine shape: {e.digest[:16]} (stored)" in r.stdout, r.stdout + r.stderr
 
 
 def test_engine_shape():

@@ -88,12 +88,17 @@ def checkpoint_shape(checkpoint_dir: str | Path) -> Shape:
     """The shape of a checkpoint of either layout, computed from its files (authoritative).
 
     An `engine` layout directory holds the model files itself and its engine facts in
-    rank-00000/. Raises FormatError naming the file for anything unreadable or malformed.
+    rank-00000/; given one rank directory, the model files are those of the directory above.
+    Raises FormatError naming the file for anything unreadable or malformed.
     """
     directory = Path(checkpoint_dir)
     rank0 = directory / ENGINE_RANK_DIR.format(rank=0)
-    index = read_index_file(rank0 if rank0.is_dir() else directory)
-    return shape_of_files(directory, {t.dtype for t in index.tensors}, index.engine)
+    if rank0.is_dir():
+        index, files = read_index_file(rank0), directory
+    else:
+        index = read_index_file(directory)
+        files = directory.absolute().parent if index.engine is not None else directory
+    return shape_of_files(files, {t.dtype for t in index.tensors}, index.engine)
 
 
 def shape_of_files(directory: str | Path, dtypes: set[str] | frozenset[str],
