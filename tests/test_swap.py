@@ -10,6 +10,8 @@ Checkpoints of another shape are refused before the model is touched.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +51,20 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         # Other tensor shapes.
         "wide": make_random_model(root / "wide", "tiny-llama", seed=14, intermediate_size=512),
     }
-    return {k: convert(v, root / f"{k}.sllm", quiet=True) for k, v in made.items()}
+    converted = {k: convert(v, root / f"{k}.sllm", quiet=True) for k, v in made.items()}
+    # B with one byte flipped near the end of its data: only a checksum can tell (verify is on
+    # in the replicas below). This tiny checkpoint is one checksum chunk, so the error comes
+    # with the first tensor, before the model is touched; a large one would fail halfway.
+    corrupt = shutil.copytree(converted["b"], root / "corrupt.sllm")
+    index = json.loads((corrupt / "sllm-index.json").read_text())
+    last = max(index["tensors"], key=lambda t: (t["file"], t["offset"]))
+    with open(corrupt / last["file"], "r+b") as f:
+        f.seek(last["offset"] + last["bytes"] - 1)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    converted["corrupt"] = corrupt
+    return converted
 
 
 def test_only_checkpoints_of_the_same_shape_are_swappable(checkpoints):
@@ -110,6 +125,7 @@ def start(model: Path, log: Path) -> VllmServer:
     # Blocks of 32 tokens (the CPU backend's smallest; its default is 128), so the ~90-token
     # prompts fill whole blocks, which are all the prefix cache keeps.
     server = VllmServer(model, log, "--load-format", "sllm", "--block-size", "32",
+                        "--model-loader-extra-config", '{"verify": true}',
                         "--worker-extension-cls", EXTENSION,
                         "--middleware", guard.MIDDLEWARE, "--enable-prompt-tokens-details")
     try:
@@ -166,6 +182,21 @@ def test_swap_gives_the_tokens_of_a_fresh_replica(checkpoints, tmp_path, monkeyp
         state = replica.control.post("/collective_rpc", json={"method": "sllm_swap_state"})
         assert state.json()["results"] == [
             {"path": str(checkpoints["a"]), "swaps": 2, "broken": None}]
+        wall_a_reports = reports
+        # A checkpoint that turns out corrupt during the load never serves: either it is caught
+        # before the model is touched (A still serves, exactly), or the engine says it is
+        # broken and refuses everything after (the node then stops it).
+        r = replica.control.post("/collective_rpc", json={
+            "method": "sllm_swap", "args": [str(checkpoints["corrupt"])]})
+        [answer] = r.json()["results"]
+        assert answer["ok"] is False and "checksum" in answer["error"], answer
+        if answer["broken"] is None:
+            assert replica.greedy(prompts) == on_a
+        else:
+            r = replica.control.post("/collective_rpc", json={
+                "method": "sllm_swap", "args": [str(checkpoints["a"])]})
+            [again] = r.json()["results"]
+            assert again["ok"] is False and again["broken"] == answer["broken"], again
         # The engine still calls itself by the name it started with: the router maps names.
         models = replica.serve.get("/v1/models").json()["data"]
         assert [m["id"] for m in models] == [str(checkpoints["a"])]
@@ -173,4 +204,4 @@ def test_swap_gives_the_tokens_of_a_fresh_replica(checkpoints, tmp_path, monkeyp
     log = server.log_path.read_text()
     assert "sllm: swapped in" in log
     print(f"\nswap A->B {wall_b:.3f} s, B->A {wall_a:.3f} s through HTTP; "
-          f"worker: {reports[0]}")
+          f"worker: {wall_a_reports[0]}; corrupt swap: {answer}")
