@@ -50,10 +50,12 @@ def guarded(monkeypatch) -> Starlette:
 
 
 def call(app, method: str, path: str, key: str | None = None,
-         peer: str = "198.51.100.7") -> httpx.Response:
+         peer: str = "198.51.100.7", model: str | None = None) -> httpx.Response:
     """A request as if from `peer` (198.51.100.0/24: TEST-NET-2, never an address here)."""
     transport = httpx.ASGITransport(app=app, client=(peer, 40000))
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if model is not None:
+        headers[guard.MODEL_HEADER] = model
 
     async def go():
         async with httpx.AsyncClient(transport=transport, base_url="http://replica") as c:
@@ -89,6 +91,33 @@ def test_everything_else_is_control_only_from_the_replicas_own_host(monkeypatch,
     own = [a for _, a in interface_addresses()]
     if own:  # an address of one of this host's interfaces is this host, too
         assert call(app, "POST", path, key=CONTROL, peer=own[0]).status_code == 200
+
+
+def test_a_call_for_a_model_the_engine_no_longer_holds_is_refused(monkeypatch):
+    """After a swap, a router with a stale view must get a refusal, never the other model's
+    tokens; a standby (holding none) runs nothing."""
+    monkeypatch.setenv(guard.MODEL_ENV, "alpha")
+    app = guarded(monkeypatch)
+    assert call(app, "POST", "/v1/completions", key=KEY, model="alpha").status_code == 200
+    assert call(app, "POST", "/v1/completions", key=KEY).status_code == 200  # names none
+    r = call(app, "POST", "/v1/completions", key=KEY, model="beta")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "model_moved"
+    assert "'alpha'" in r.json()["error"]["message"]
+    # Only the node (control key, own host) may say what the engine holds.
+    assert call(app, "POST", "/sllm/hold?model=beta", key=KEY, peer="127.0.0.1"
+                ).status_code == 401
+    assert call(app, "POST", "/sllm/hold?model=beta", key=CONTROL).status_code == 403
+    assert call(app, "POST", "/sllm/hold?model=", key=CONTROL, peer="127.0.0.1"
+                ).json() == {"holds": ""}
+    for model in ("alpha", None):  # a standby: nothing generates, whatever is named
+        r = call(app, "POST", "/v1/completions", key=KEY, model=model)
+        assert r.status_code == 409 and "standby" in r.json()["error"]["message"]
+    assert call(app, "GET", "/v1/models", key=KEY).status_code == 200
+    assert call(app, "POST", "/sllm/hold", key=CONTROL, peer="127.0.0.1").status_code == 400
+    assert call(app, "POST", "/sllm/hold?model=beta", key=CONTROL, peer="127.0.0.1"
+                ).status_code == 200
+    assert call(app, "POST", "/v1/completions", key=KEY, model="beta").status_code == 200
+    assert call(app, "POST", "/v1/completions", key=KEY, model="alpha").status_code == 409
 
 
 def test_a_replica_without_keys_does_not_start(monkeypatch):

@@ -81,6 +81,8 @@ class StartReplica(_Body):
     wait: bool = Field(False, description="answer when the replica is ready (or failed; "
                        "after timeout_s, 202 with the replica as it is)")
     timeout_s: float = Field(900, gt=0, le=MAX_WAIT_S, description="longest wait, seconds")
+    standby: bool = Field(True, description="may use an idle standby engine (one holding the "
+                          "model, or one of its engine shape given its weights by a swap)")
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -225,7 +227,8 @@ def create_app(node: Node) -> FastAPI:
     async def start_replica(body: StartReplica) -> JSONResponse:
         """Start a vLLM replica of a model (fetching and promoting it first if needed)."""
         replica = await anyio.to_thread.run_sync(node.start_replica, body.model, body.devices,
-                                                 body.count, body.args, body.tier)
+                                                 body.count, body.args, body.tier,
+                                                 body.standby)
         if not body.wait:
             return JSONResponse({**replica.describe(), "api_key": replica.api_key},
                                 status_code=202)
@@ -237,8 +240,10 @@ def create_app(node: Node) -> FastAPI:
                             status_code=200 if replica.state == "ready" else 202)
 
     @app.delete("/replicas/{replica_id}", dependencies=admin)
-    def stop_replica(replica_id: int) -> dict[str, Any]:
-        return node.stop_replica(replica_id).describe()
+    def stop_replica(replica_id: int, standby: bool = False) -> dict[str, Any]:
+        """Stop a replica; `?standby=true` (a keep-alive expiry) keeps its engine as a standby
+        where the node's standby policy allows (the answer's state says which)."""
+        return node.stop_replica(replica_id, standby).describe()
 
     return app
 

@@ -77,6 +77,12 @@ class FetchConfig(_Strict):
                                       description="each config or tokenizer file")
 
 
+class StandbyEntry(_Strict):
+    like: str = Field(description="a model whose engine shape the standby engines have; they "
+                      "start holding its weights")
+    count: int = Field(1, ge=1, le=64)
+
+
 class NodeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -112,8 +118,27 @@ class NodeConfig(_Strict):
         default=None, description="first guess for remote fetches, until one is measured")
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    standby: list[StandbyEntry] = Field(
+        default_factory=list, description="engines started at the node's start and kept idle "
+        "for models of their shape: [{like: MODEL, count: N}]")
+    standby_on_expiry: bool = Field(
+        True, description="a replica the router stops for its keep-alive becomes a standby "
+        "(keeps its process and weights) instead of stopping, within the bounds below")
+    standby_max: int | None = Field(
+        None, ge=0, description="standby engines kept at once (least recently used stopped "
+        "first); default: the node's device count")
+    standby_memory: ByteSize | None = Field(
+        None, description="host memory standby engines may hold together (their processes' "
+        "proportional set size); default: half the machine's memory")
+    swap_timeout_s: float = Field(600.0, gt=0, description="longest weight swap")
 
     _names = field_validator("models")(check_model_names)
+
+    @field_validator("standby")
+    @classmethod
+    def _standby_names(cls, entries: list[StandbyEntry]) -> list[StandbyEntry]:
+        check_model_names({e.like: e for e in entries})
+        return entries
 
     _replica_args = field_validator("replica_args")(_no_api_key)
 

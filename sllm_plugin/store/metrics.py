@@ -43,13 +43,18 @@ if TYPE_CHECKING:
 
 #: Replica states (replicas.Replica.state), all exported, zeros included.
 REPLICA_STATES = ("queued", "fetching", "starting", "ready", "failed", "stopping", "stopped",
-                  "exited")
+                  "exited", "standby", "swapping")
 #: The states of a replica whose start has not settled yet.
 STARTING_STATES = ("queued", "fetching", "starting")
 #: Start-up phases a replica reports (Replica.phases): waiting in the tiers' queues, fetching
 #: and promoting its checkpoint, its process until the loader began, the load, the engine's
 #: set-up after the load until /health answered, and creation to ready.
-PHASES = ("queue", "fetch", "process_start", "load", "engine_init", "total")
+#: A start on a standby engine has `swap` (the control calls around its load, or the claim of
+#: a standby that still held the model) instead of process_start and engine_init.
+PHASES = ("queue", "fetch", "process_start", "load", "engine_init", "swap", "total")
+#: How a standby engine was used: claimed (it held the model), swapped, or a swap refused
+#: before the model was touched / failed (both stop the engine).
+SWAP_OUTCOMES = ("claim", "swap", "refused", "failed")
 JOB_KINDS = ("fetch", "promote")
 EVICTION_REASONS = ("request", "capacity")
 #: 10 ms to 30 min: a start from a warm dram tier up to a fetch of a large model.
@@ -81,6 +86,10 @@ class NodeMetrics:
         self.phases = Histogram("sllm_node_replica_phase_seconds", "Replica start-up phases, "
                                 "observed once each when the start settles", ["phase"],
                                 buckets=PHASE_BUCKETS, registry=r)
+        self.swaps = Counter("sllm_node_standby_uses", "Starts on a standby engine, by "
+                             "outcome", ["outcome"], registry=r)
+        for outcome in SWAP_OUTCOMES:
+            self.swaps.labels(outcome)
         for tier in tiers:  # every series from the start, at zero
             self.hits.labels(tier)
             self.misses.labels(tier)
@@ -111,13 +120,16 @@ class NodeMetrics:
         if job.state == "done":
             self.transferred.labels(job.kind).inc(job.nbytes)
 
+    def swapped(self, outcome: str) -> None:
+        self.swaps.labels(outcome).inc()
+
     def replica_settled(self, replica: Replica) -> None:
         """Observe the phases of a replica whose start has settled (ready, failed, stopped):
-        once per replica, whoever calls first."""
+        once per start (a standby engine starts again with each claim), whoever calls first."""
         with self._lock:
-            if replica.id in self._settled:
+            if (replica.id, replica.created) in self._settled:
                 return
-            self._settled.add(replica.id)
+            self._settled.add((replica.id, replica.created))
         for phase, seconds in dict(replica.phases).items():
             self.phases.labels(phase).observe(seconds)
 
@@ -214,3 +226,7 @@ class _StateCollector:
         devices.add_metric(["assigned"], sum(d.name in assigned for d in node.devices))
         devices.add_metric(["free"], sum(d.name not in assigned for d in node.devices))
         yield devices
+        standby = node.standby_status()
+        yield GaugeMetricFamily("sllm_node_standby_memory_bytes", "Host memory the standby "
+                                "engines hold (proportional set size)",
+                                value=standby["memory_bytes"])

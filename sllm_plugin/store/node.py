@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .addresses import AddressError, advertised_host, url_host
 from .bandwidth import Bandwidth, calibrate_read
-from .config import ModelEntry, NodeConfig, resolve_token
+from .config import ModelEntry, NodeConfig, memory_bytes, resolve_token
 from .hugetmpfs import ensure_huge_tmpfs, has_huge_pages
 from .jobs import Job, TierQueue
 from .metrics import NodeMetrics
@@ -35,6 +35,7 @@ from .sources import (
     copy_checkpoint,
     resolve_fetch,
 )
+from .standby import SwapFailed, engine_key, group_memory_bytes, takes_swaps
 from .statedir import StateLock, private_dir, read_private, remove_stale_temporaries, write_atomic
 from .tiers import NotInTier, Tier, TierError
 
@@ -129,6 +130,9 @@ class Node:
                             tier.path, gbps)
             if "ssd" in self.tiers:
                 self.transfers["promote"] = Bandwidth(self.tiers["ssd"].bandwidth.report().gbps)
+        if self.config.standby:
+            threading.Thread(target=self._start_configured_standbys, daemon=True,
+                             name="sllm-standby-start").start()
 
     def close(self) -> None:
         """Stop every replica (in parallel: each may take seconds) and the queues."""
@@ -312,9 +316,16 @@ class Node:
     # -- replicas ---------------------------------------------------------------------------
 
     def start_replica(self, name: str, devices: list[str] | None = None, count: int = 1,
-                      args: list[str] | None = None, tier: str | None = None) -> Replica:
+                      args: list[str] | None = None, tier: str | None = None,
+                      standby: bool = True) -> Replica:
         """Start a replica; it loads from `tier` (default: the fastest that holds the model,
-        after promoting it into DRAM when `promote_on_start` and it fits)."""
+        after promoting it into DRAM when `promote_on_start` and it fits).
+
+        With `standby` (and no `devices` named), an idle standby engine is used first: one that
+        still holds the model (served at once), else the least recently used one of the
+        model's engine key (given the model's weights by a swap). Otherwise a new process
+        starts, on free devices or on those of standbys that give way (least recently used
+        first)."""
         self._known(name)
         if tier is not None:
             self._tier(tier)
@@ -327,18 +338,34 @@ class Node:
             untrusted = [*_check_args(entry.replica_args, f"model {name}'s replica_args"),
                          *untrusted]
         with self._lock:
-            chosen = self._assign(devices, count)
+            note = ""
+            if standby and not devices:
+                kept, note = self._standby_for(name, untrusted, trusted, count)
+                if kept is not None:
+                    self._claim(kept, name)
+                    threading.Thread(target=self._take_over_and_count, args=(kept, name, tier),
+                                     daemon=True, name=f"sllm-replica-{kept.id}-swap").start()
+                    return kept
+            chosen, victims = self._assign(devices, count)
             replica = Replica(model=name, devices=chosen)
+            replica.note = note
             for d in chosen:
                 self.assigned[d.name] = replica.id
             self.replicas[replica.id] = replica
+        if note:
+            logger.info("replica %d of %s: %s", replica.id, name, note)
         threading.Thread(target=self._bring_up_and_count,
-                         args=(replica, untrusted, trusted, tier),
+                         args=(replica, untrusted, trusted, tier, victims),
                          daemon=True,
                          name=f"sllm-replica-{replica.id}-start").start()
         return replica
 
-    def _assign(self, wanted: list[str] | None, count: int) -> list[Device]:
+    def _assign(self, wanted: list[str] | None,
+                count: int) -> tuple[list[Device], list[Replica]]:
+        """Devices for a new replica, and the standbys that give way for it (least recently
+        used first; the caller stops them before the replica starts)."""
+        standbys = self.standbys()
+        held = {d.name: r for r in standbys for d in r.devices}
         free = [d for d in self.devices if d.name not in self.assigned]
         if wanted:
             chosen = []
@@ -350,48 +377,65 @@ class Node:
                 if device not in self.devices:
                     raise NodeError(f"device {text} is not on this node; it has "
                                     f"{[d.name for d in self.devices]}", 400)
-                if device.name in self.assigned:
+                if device.name in self.assigned and device.name not in held:
                     raise NodeError(f"device {text} is in use by replica "
                                     f"{self.assigned[device.name]}", 409)
                 chosen.append(device)
-            return chosen
-        if count < 1 or count > len(self.devices):
-            raise NodeError(f"a replica needs 1 to {len(self.devices)} devices here, "
-                            f"not {count}", 400)
-        if len(free) < count:
-            raise NodeError(f"{count} free device(s) needed, {len(free)} free: in use "
-                            f"{sorted(self.assigned)}", 409)
-        return free[:count]
+        else:
+            if count < 1 or count > len(self.devices):
+                raise NodeError(f"a replica needs 1 to {len(self.devices)} devices here, "
+                                f"not {count}", 400)
+            givable = [d for r in standbys for d in r.devices]
+            if len(free) + len(givable) < count:
+                raise NodeError(f"{count} free device(s) needed, {len(free)} free: in use "
+                                f"{sorted(self.assigned)}", 409)
+            chosen = (free + givable)[:count]
+        victims = list({id(r): r for d in chosen if (r := held.get(d.name))}.values())
+        for victim in victims:
+            victim.state = "stopping"  # no longer a standby anyone may claim
+            logger.info("standby engine %d (%s) gives way for a new replica", victim.id,
+                        victim.model)
+        return chosen, victims
 
-    def _bring_up_and_count(self, replica: Replica, *args) -> None:
-        """`_bring_up`, then observe the start's phases once it has settled."""
-        self._bring_up(replica, *args)
+    def _bring_up_and_count(self, replica: Replica, untrusted: list[str], trusted: list[str],
+                            tier: str | None, victims: list[Replica]) -> None:
+        """Stop the standbys giving way, `_bring_up`, then observe the start's phases once it
+        has settled."""
+        for victim in victims:
+            self.launcher.stop(victim)
+        self._bring_up(replica, untrusted, trusted, tier)
         replica.ready.wait()  # set when ready, and when it failed or stopped before
         self.metrics.replica_settled(replica)
+
+    def _stage(self, replica: Replica, name: str, tier: str | None) -> str:
+        """Get `name` into `tier` (default: the fastest that can take it, promoting into DRAM
+        when `promote_on_start` and it fits); returns the tier it loads from."""
+        filled = False
+        queued = running = 0.0
+        if tier is not None:
+            if not self.tiers[tier].has(name):
+                replica.state, filled = "fetching", True
+                queued, running, _ = self.ensure(name, tier)
+        elif not self.tiers.get("dram") or not self.tiers["dram"].has(name):
+            if not self.tiers["ssd"].has(name):
+                replica.state, filled = "fetching", True
+                queued, running, _ = self.ensure(name, "ssd")
+            if self._can_promote(name):
+                replica.state, filled = "fetching", True
+                q, r, _ = self.ensure(name, "dram")
+                queued, running = queued + q, running + r
+        replica.phases.update(queue=queued, fetch=running)
+        tier = tier or next(t for t in TIER_ORDER if t in self.tiers and self.tiers[t].has(name))
+        if not filled:  # no tier to fill (misses: counted by `ensure`)
+            self.metrics.lookup(tier, hit=True)
+        return tier
 
     def _bring_up(self, replica: Replica, untrusted: list[str], trusted: list[str],
                   tier: str | None) -> None:
         """Get the model into the fastest tier that can take it, then launch the replica."""
         name = replica.model
         try:
-            queued = running = 0.0
-            if tier is not None:
-                if not self.tiers[tier].has(name):
-                    replica.state = "fetching"
-                    queued, running, _ = self.ensure(name, tier)
-            elif not self.tiers.get("dram") or not self.tiers["dram"].has(name):
-                if not self.tiers["ssd"].has(name):
-                    replica.state = "fetching"
-                    queued, running, _ = self.ensure(name, "ssd")
-                if self._can_promote(name):
-                    replica.state = "fetching"
-                    q, r, _ = self.ensure(name, "dram")
-                    queued, running = queued + q, running + r
-            replica.phases.update(queue=queued, fetch=running)
-            tier = tier or next(t for t in TIER_ORDER
-                                if t in self.tiers and self.tiers[t].has(name))
-            if replica.state == "queued":  # no tier to fill (misses: counted by `ensure`)
-                self.metrics.lookup(tier, hit=True)
+            tier = self._stage(replica, name, tier)
             if replica.state == "stopped":  # stopped while its model was being fetched
                 self._release(replica)
                 replica.finished.set()
@@ -401,6 +445,8 @@ class Node:
             replica.path = str(self.tiers[tier].acquire(name))
             replica.holds_tier = True
             self.launcher.launch(replica, untrusted, trusted)
+            replica.shape = engine_key(replica.path, self.launcher.argv(replica, untrusted,
+                                                                        trusted))
         except Exception as e:  # reported on the replica; the daemon goes on
             replica.state, replica.error = "failed", str(e)
             self._release(replica)
@@ -423,8 +469,12 @@ class Node:
             raise NodeError(f"no replica {replica_id}", 404)
         return replica
 
-    def stop_replica(self, replica_id: int) -> Replica:
+    def stop_replica(self, replica_id: int, standby: bool = False) -> Replica:
+        """Stop a replica; with `standby`, keep its engine as a standby instead where the
+        node's standby policy allows (`standby_on_expiry`, the bounds)."""
         replica = self.replica(replica_id)
+        if standby and self.config.standby_on_expiry and self._keep(replica):
+            return replica
         self.launcher.stop(replica)
         if replica.process is None:  # never launched (still fetching, or failed)
             replica.state = "stopped" if replica.state != "failed" else replica.state
@@ -453,6 +503,176 @@ class Node:
     def _on_end(self, replica: Replica) -> None:
         self._release(replica)
 
+    # -- standby engines (standby.py) -----------------------------------------------------
+
+    def standby_limits(self) -> tuple[int, int]:
+        """(engines, bytes of host memory) standbys may hold together."""
+        engines = self.config.standby_max
+        memory = self.config.standby_memory
+        return (len(self.devices) if engines is None else engines,
+                memory_bytes() // 2 if memory is None else int(memory))
+
+    def standbys(self) -> list[Replica]:
+        """Idle standby engines, least recently used first."""
+        return sorted((r for r in self.replicas.values() if r.state == "standby"),
+                      key=lambda r: r.standby_since or 0.0)
+
+    def _request_key(self, name: str, untrusted: list[str], trusted: list[str],
+                     devices: list[Device]) -> str | None:
+        """The engine key a replica of `name` with these flags on `devices` would have; None
+        when no tier holds a swappable (hf-layout) copy of it now."""
+        tier = next((self.tiers[t] for t in TIER_ORDER if t in self.tiers
+                     and self.tiers[t].has(name)), None)
+        if tier is None:
+            return None
+        probe = Replica(model=name, devices=devices, id=0)
+        probe.path, probe.port = str(tier.path_of(name)), 0
+        if not takes_swaps(probe.path):
+            return None
+        return engine_key(probe.path, self.launcher.argv(probe, untrusted, trusted))
+
+    def _standby_for(self, name: str, untrusted: list[str], trusted: list[str],
+                     count: int) -> tuple[Replica | None, str]:
+        """A standby to serve `name`: one still holding it with the same flags (most recently
+        kept first), else the least recently used of its engine key. Else (None, why not)."""
+        fits = [r for r in self.standbys() if len(r.devices) == count]
+        args = (tuple(untrusted), tuple(trusted))
+        for kept in reversed(fits):
+            if kept.model == name and kept.launch_args == args:
+                return kept, ""
+        others = []
+        for kept in fits:
+            key = self._request_key(name, untrusted, trusted, kept.devices) \
+                if kept.swappable and kept.shape else None
+            if key is not None and key == kept.shape:
+                return kept, ""
+            others.append(f"{kept.id} ({kept.model})")
+        if not others:
+            return None, ""
+        return None, (f"cold start: no standby engine of its engine shape (standby "
+                      f"{', '.join(others)} cannot take it: another shape, flags or layout)")
+
+    def _claim(self, replica: Replica, name: str) -> None:
+        """Take `replica` out of the standbys for `name` (under the node's lock)."""
+        replica.state = "swapping"
+        replica.ready = threading.Event()
+        replica.created = time.time()
+        replica.phases, replica.error, replica.note = {}, None, ""
+        replica.started_via = "standby" if replica.model == name else "swap"
+        replica.mark("claimed")
+
+    def _take_over_and_count(self, replica: Replica, name: str, tier: str | None) -> None:
+        self._take_over(replica, name, tier)
+        self.metrics.replica_settled(replica)
+
+    def _take_over(self, replica: Replica, name: str, tier: str | None) -> None:
+        """Make a claimed standby serve `name`: at once if it holds it, else by a swap. A swap
+        that fails stops the engine (it may hold partial weights): it never serves."""
+        control = replica.controller()
+        try:
+            if replica.started_via == "swap":
+                tier = self._stage(replica, name, tier)
+                replica.state = "swapping"
+                path = self.tiers[tier].acquire(name)
+                try:
+                    control.hold("")
+                    report = control.swap(str(path), tier, self.config.swap_timeout_s)
+                finally:
+                    self.tiers[tier].release(name)
+                replica.model, replica.path, replica.tier = name, str(path), tier
+                replica.loaded_gb = report.bytes / 1e9
+                replica.phases.update(load=report.load_s, swap=report.control_s)
+                self.metrics.swapped("swap")
+            control.hold(name)
+        except (SwapFailed, NodeError, TierError, OSError) as e:
+            kind = "refused" if isinstance(e, SwapFailed) and e.intact else "failed"
+            self.metrics.swapped(kind)
+            replica.failing = True
+            replica.error = (f"swapping {name} into standby engine {replica.id} "
+                             f"({replica.model}) failed: {e}; the engine was stopped")
+            logger.warning("%s", replica.error)
+            self.launcher.stop(replica)
+            return
+        replica.mark("ready")
+        replica.phases.setdefault("swap", replica.marks["ready"] - replica.created)
+        replica.phases["total"] = replica.marks["ready"] - replica.created
+        if replica.started_via == "standby":
+            self.metrics.swapped("claim")
+        replica.standby_since = None
+        replica.state = "ready"
+        replica.ready.set()
+        logger.info("replica %d serves %s by %s in %.3f s", replica.id, name,
+                    replica.started_via, replica.phases["total"])
+
+    def _keep(self, replica: Replica) -> bool:
+        """Turn a ready replica into a standby (its guard then serves nothing); False where it
+        cannot be kept (not ready, no room under the bounds, its guard unreachable)."""
+        engines, _ = self.standby_limits()
+        if replica.state != "ready" or engines < 1 or replica.process is None \
+                or replica.process.poll() is not None:
+            return False
+        try:
+            replica.controller().hold("")
+        except SwapFailed as e:
+            logger.warning("replica %d cannot become a standby (%s); stopped", replica.id, e)
+            return False
+        replica.state, replica.standby_since = "standby", time.time()
+        logger.info("replica %d (%s) is a standby engine now", replica.id, replica.model)
+        self._trim_standbys()
+        return True
+
+    def _trim_standbys(self) -> None:
+        """Stop the least recently used standbys beyond `standby_max` engines or
+        `standby_memory` bytes."""
+        engines, memory = self.standby_limits()
+        with self._lock:
+            kept = self.standbys()
+            held = {r.id: group_memory_bytes(r.pid) if r.pid else 0 for r in kept}
+            over = []
+            while kept and (len(kept) > engines or sum(held[r.id] for r in kept) > memory):
+                victim = kept.pop(0)
+                victim.state = "stopping"
+                over.append(victim)
+        for victim in over:
+            logger.info("standby engine %d (%s) stopped: over the standby bounds (%d engines, "
+                        "%.1f GB)", victim.id, victim.model, engines, memory / 1e9)
+            self.launcher.stop(victim)
+
+    def _start_configured_standbys(self) -> None:
+        """The `standby:` engines of the configuration: started like replicas, then kept."""
+        for entry in self.config.standby:
+            for _ in range(entry.count):
+                try:
+                    replica = self.start_replica(entry.like, standby=False)
+                except NodeError as e:
+                    self.notes.append(f"standby engine like {entry.like}: {e}")
+                    logger.warning("%s", self.notes[-1])
+                    return
+                replica.ready.wait()
+                if not self._keep(replica):
+                    self.notes.append(f"standby engine like {entry.like} did not start: "
+                                      f"{(replica.error or replica.state).splitlines()[0]}")
+                    logger.warning("%s", self.notes[-1])
+                    if replica.state == "ready":
+                        self.launcher.stop(replica)
+
+    def standby_status(self) -> dict:
+        engines, memory = self.standby_limits()
+        kept = [{"id": r.id, "shape": r.shape, "model": r.model,
+                 "devices": [d.name for d in r.devices],
+                 "memory_bytes": group_memory_bytes(r.pid) if r.pid else 0,
+                 "since": r.standby_since} for r in self.standbys()]
+        return {"engines": kept, "memory_bytes": sum(k["memory_bytes"] for k in kept),
+                "max_engines": engines, "max_memory_bytes": memory,
+                "on_expiry": self.config.standby_on_expiry}
+
+    def model_shape(self, name: str) -> str | None:
+        """The engine key of a replica of `name` with its configured flags on one device."""
+        entry = self.models.get(name)
+        trusted = list(entry.replica_args) if entry is not None and name in self._trusted else []
+        untrusted = [] if name in self._trusted or entry is None else list(entry.replica_args)
+        return self._request_key(name, untrusted, trusted, self.devices[:1])
+
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -468,7 +688,8 @@ class Node:
                 "observed_gbps": bw.observed_gbps, "observed_loads": bw.samples,
                 "queue": [j.describe() for j in q.active()], "queue_drain_s": q.drain_s(),
                 "models": [{"name": e.name, "bytes": e.bytes, "last_used": e.last_used,
-                            "pinned": e.pinned, "in_use": e.in_use}
+                            "pinned": e.pinned, "in_use": e.in_use,
+                            "shape": self.model_shape(e.name)}
                            for e in sorted(tier.entries(), key=lambda e: e.name)],
             })
         transfers = {k: v.report().gbps for k, v in self.transfers.items()}
@@ -479,6 +700,7 @@ class Node:
             "tiers": tiers, "transfer_gbps": transfers,
             "models": self.public_models(),
             "replicas": [r.describe() for r in self.replicas.values()],
+            "standby": self.standby_status(),
             "notes": self.notes,
         }
 

@@ -32,10 +32,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..vllm.guard import CONTROL_KEY_ENV, KEY_ENV, MIDDLEWARE
+from ..vllm.guard import CONTROL_KEY_ENV, KEY_ENV, MIDDLEWARE, MODEL_ENV
 from ..vllmlog import RootCause
 from .addresses import is_unspecified_host, url_host
 from .replicaargs import redact
+from .standby import SWAP_ENV, SWAP_EXTENSION, ReplicaControl
 from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
 
 logger = logging.getLogger("sllm_plugin.store")
@@ -149,10 +150,12 @@ def free_port(host: str = "127.0.0.1", ports: tuple[int, int] | None = None) -> 
 
 @dataclass
 class Replica:
-    model: str
+    model: str  # the model whose weights it holds (changes when a swap gives it another)
     devices: list[Device]
     id: int = field(default_factory=lambda: next(_ids))
-    state: str = "queued"  # queued|fetching|starting|ready|failed|stopping|stopped|exited
+    # queued|fetching|starting|ready|failed|stopping|stopped|exited, and for a kept engine:
+    # standby (idle, serving nothing) | swapping (being given a model)
+    state: str = "queued"
     tier: str | None = None
     path: str | None = None
     port: int | None = None
@@ -180,6 +183,22 @@ class Replica:
     # `describe()`, a log line or the command line.
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     control_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    # Standby engines and swaps (see standby.py): the name the engine serves under (its first
+    # model's; the router maps), its engine key, how its current model came to it, since when
+    # it is a standby, the flags it was started with (a claim must match them), whether it can
+    # take a swap at all, and the node's control connection to it.
+    served_name: str = ""
+    shape: str | None = None
+    started_via: str = "cold"  # cold | swap | standby
+    standby_since: float | None = None
+    launch_args: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    swappable: bool = False
+    control: ReplicaControl | None = field(default=None, repr=False)
+    note: str = ""  # a decision worth showing (why it cold-started though standbys were kept)
+    failing: bool = False  # being stopped because it failed (a swap): ends "failed"
+
+    def __post_init__(self) -> None:
+        self.served_name = self.served_name or self.model
 
     @property
     def url(self) -> str | None:
@@ -201,7 +220,17 @@ class Replica:
             "devices": [d.name for d in self.devices], "created": self.created,
             "phases": dict(self.phases), "loaded_gb": self.loaded_gb, "error": self.error,
             "returncode": self.returncode, "log": self.log_path,
+            "served_name": self.served_name, "shape": self.shape,
+            "started_via": self.started_via, "standby_since": self.standby_since,
+            "note": self.note,
         }
+
+    def controller(self) -> ReplicaControl:
+        """The node's keep-alive control connection to this replica (made on first use)."""
+        if self.control is None:
+            assert self.local_url is not None
+            self.control = ReplicaControl(self.local_url, self.control_key)
+        return self.control
 
 
 def failure(replica: Replica, what: str) -> str:
@@ -258,13 +287,15 @@ class Launcher:
         first, then the operator's (`base_args`, then the model's `trusted`), then the
         daemon's own, so that for any flag given twice the later one counts."""
         cuda = [d for d in replica.devices if d.kind == "cuda"]
-        own = ["--model", str(replica.path), "--served-model-name", replica.model,
+        own = ["--model", str(replica.path), "--served-model-name", replica.served_name,
                "--load-format", "sllm",
                "--model-loader-extra-config", json.dumps({"tier": replica.tier}),
                "--host", self.bind_host, "--port", str(replica.port),
                "--middleware", MIDDLEWARE]
         if len(cuda) > 1:
             own += ["--tensor-parallel-size", str(len(cuda))]
+        if swappable(untrusted, self.base_args, trusted):
+            own += ["--worker-extension-cls", SWAP_EXTENSION]
         return [*self.command, *untrusted, *self.base_args, *trusted, *own]
 
     def environment(self, replica: Replica, argv: list[str] | None = None) -> dict[str, str]:
@@ -278,6 +309,9 @@ class Launcher:
         cuda = [d.spec for d in replica.devices if d.kind == "cuda"]
         cpus = [d.spec for d in replica.devices if d.kind == "cpu"]
         env[KEY_ENV], env[CONTROL_KEY_ENV] = replica.api_key, replica.control_key
+        env[MODEL_ENV] = replica.model
+        if replica.swappable:
+            env.update(SWAP_ENV)
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
         if cpus:
@@ -294,6 +328,8 @@ class Launcher:
         log_path = self.log_dir / f"replica-{replica.id}.log"
         replica.log_path = str(log_path)
         argv = self.argv(replica, untrusted, trusted)
+        replica.swappable = SWAP_EXTENSION in argv
+        replica.launch_args = (tuple(untrusted), tuple(trusted))
         shown, hidden = redact(argv)
         hidden += [replica.api_key, replica.control_key]  # should the replica ever echo one
         log = _new_log(log_path)
@@ -469,7 +505,7 @@ class Launcher:
         end_group(process.pid)  # what the API server left (an engine core it did not stop)
         replica.output_done.wait(5)  # the error below names the last lines it printed
         if replica.state == "stopping":
-            replica.state = "stopped"
+            replica.state = "failed" if replica.failing else "stopped"
         elif not replica.ready.is_set():
             replica.state = "failed"
             replica.error = replica.error or failure(
@@ -478,11 +514,20 @@ class Launcher:
             replica.state = "exited"
             replica.error = failure(replica, f"replica exited with code {returncode}.")
         replica.mark("end")
+        if replica.control is not None:
+            replica.control.close()
         self._forget(process.pid)
         if self.on_end:
             self.on_end(replica)
         replica.finished.set()
         replica.ready.set()  # wake anyone waiting for readiness: it will not come
+
+
+def swappable(*arg_lists: list[str]) -> bool:
+    """Whether the daemon adds its swap extension: not where someone gave a worker extension
+    of their own (vLLM takes one; theirs wins, and that replica never takes a swap)."""
+    return not any(a == "--worker-extension-cls" or a.startswith("--worker-extension-cls=")
+                   for args in arg_lists for a in args)
 
 
 def _cmdline_digest(argv: list[str]) -> str:
