@@ -70,7 +70,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_only_checkpoints_of_the_same_shape_are_swappable(checkpoints):
     a = open_checkpoint(checkpoints["a"])
     check_swappable(a, open_checkpoint(checkpoints["b"]))
-    with pytest.raises(SwapError, match=r"config.json differs .*rope"):
+    with pytest.raises(SwapError, match=r"engine shape differs .*rope"):
         check_swappable(a, open_checkpoint(checkpoints["rope"]))
     with pytest.raises(SwapError, match=r"other dtype or shape: .*mlp"):
         check_swappable(a, open_checkpoint(checkpoints["wide"]))
@@ -159,7 +159,7 @@ def test_swap_gives_the_tokens_of_a_fresh_replica(checkpoints, tmp_path, monkeyp
         assert r.status_code == 401
 
         # Refusals happen before the model is touched: A keeps serving, exactly.
-        for other, why in (("rope", "config.json differs"), ("wide", "other dtype or shape")):
+        for other, why in (("rope", "engine shape differs"), ("wide", "other dtype or shape")):
             r = replica.control.post("/collective_rpc", json={
                 "method": "sllm_swap", "args": [str(checkpoints[other])]})
             assert r.status_code == 200, r.text

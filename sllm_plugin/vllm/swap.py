@@ -24,16 +24,16 @@ the swap and checks `POST /reset_prefix_cache` answers `{"success": true}` after
 
 What can be swapped is checked here before the model is touched, so a refusal leaves the old
 weights serving: only hf-layout checkpoints, with exactly the tensor names, shapes and dtypes of
-the checkpoint the engine holds now, and the same config.json (identity fields aside). A failure
-after loading began leaves a half-loaded model: the extension then refuses every later swap
-and says so (`broken`) in its answer and in `sllm_swap_state`, and the node must stop the
-replica (never resume it). Errors are answers, not exceptions (see `sllm_swap`).
+the checkpoint the engine holds now, and the same checkpoint shape (`format.shape`: config,
+tokenizer, chat template, generation defaults, dtype; the node compares the engine key too).
+A failure after loading began leaves a half-loaded model: the extension then refuses every
+later swap and says so (`broken`) in its answer and in `sllm_swap_state`, and the node must
+stop the replica (never resume it). Errors are answers, not exceptions (see `sllm_swap`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -42,18 +42,13 @@ from typing import Any
 
 import torch
 
-from ..format.errors import FormatError
 from ..format.reader import Checkpoint, is_checkpoint, open_checkpoint
-from ..format.safefs import read_regular, real_directory
+from ..format.shape import checkpoint_shape, explain_mismatch
 from ..format.spec import LAYOUT_HF
 from ..loader.api import LoadStats, iter_state_dict
 
 logger = logging.getLogger("vllm.sllm_plugin")
 
-#: config.json fields that name a checkpoint rather than shape it: they may differ between two
-#: checkpoints that share an engine. Everything else must be equal.
-CONFIG_IDENTITY_FIELDS = frozenset({"_name_or_path", "name_or_path", "transformers_version"})
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
 #: Tier names a swap may report (the node store's, and "disk" for a path outside it).
 TIERS = frozenset({"dram", "ssd", "disk"})
 
@@ -72,22 +67,6 @@ def tensor_signature(ckpt: Checkpoint) -> Signature:
     return sig
 
 
-def shape_config(ckpt: Checkpoint) -> dict[str, Any] | None:
-    """The checkpoint's config.json without identity fields (None when it has none)."""
-    path = ckpt.directory / "config.json"
-    if not path.exists() and not path.is_symlink():
-        return None
-    raw = read_regular(path, "config.json", MAX_CONFIG_BYTES,
-                       root=real_directory(ckpt.directory, "checkpoint directory"))
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: config.json is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: config.json is not a JSON object")
-    return {k: v for k, v in config.items() if k not in CONFIG_IDENTITY_FIELDS}
-
-
 def check_swappable(current: Checkpoint, new: Checkpoint) -> None:
     """Raise SwapError naming the first difference that makes `new` unfit for this engine."""
     if new.index.layout != LAYOUT_HF:
@@ -104,14 +83,11 @@ def check_swappable(current: Checkpoint, new: Checkpoint) -> None:
                   ("other dtype or shape", differ)) if names]
         raise SwapError(f"{new.directory}: tensors do not match the checkpoint this engine "
                         f"holds ({current.directory}): " + "; ".join(parts))
-    a, b = shape_config(current), shape_config(new)
-    if a != b:
-        if a is None or b is None:
-            raise SwapError(f"{new.directory}: config.json present in only one of this "
-                            f"checkpoint and the engine's ({current.directory})")
-        fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise SwapError(f"{new.directory}: config.json differs from the engine's "
-                        f"({current.directory}) in {fields[:8]}")
+    a, b = checkpoint_shape(current.directory), checkpoint_shape(new.directory)
+    if a.digest != b.digest:
+        why = explain_mismatch(a, b)
+        raise SwapError(f"{new.directory}: its engine shape differs from the engine's "
+                        f"({current.directory}): " + "; ".join(why[:4]))
 
 
 class SllmSwapExtension:
