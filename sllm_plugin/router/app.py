@@ -41,6 +41,11 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None,
                         Depends(HTTPBearer(auto_error=False))]
 
 
+# Replicas tried for one untracked request that answer `model_moved` (their engines were given
+# other models since the router last polled their nodes) before the client gets a 503.
+MAX_MOVED_RETRIES = 4
+
+
 def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": status}}, status_code=status)
@@ -267,6 +272,10 @@ def create_app(config: RouterConfig) -> FastAPI:
             while (response := await _passthrough(kind, body, replica)) is None:
                 # The engine holds another model now (dropped): the next replica of this one.
                 moved.add(replica.key)
+                if len(moved) >= MAX_MOVED_RETRIES:
+                    router.metrics.requests.labels(model, "503").inc()
+                    return error(503, f"{len(moved)} replicas of {model!r} in a row no longer "
+                                 "held it (model_moved); try again", "service_unavailable")
                 replica = await router.autoscaler.pick(model, blocks, exclude=moved)
             response.headers["x-sllm-replica"] = replica.key
             return response
