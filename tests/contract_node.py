@@ -18,7 +18,8 @@ replicas behind their guard. What it plays, per the contract:
   engine's served name, else 404), and greedy answers in vLLM's shapes naming the served
   name, streamed (with token ids) or not.
 `legacy=True` plays a node from before issue 12: no `served_name`, `shape`, `started_via`
-or `standby` in what it answers.
+or `standby` in what it answers, and a start body with fields it does not know is refused
+(422), as that node's API does.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ class ContractNode:
         model, use_standby = body["model"], body.get("standby", True)
         with self.lock:
             self.starts.append(body)
+            unknown = set(body) - {"model", "devices", "count", "args", "tier", "wait",
+                                   "timeout_s"}
+            if self.legacy and unknown:
+                return web.json_response({"detail": [{"type": "extra_forbidden",
+                                                      "loc": ["body", sorted(unknown)[0]]}]},
+                                         status=422)
             standbys = sorted((e for e in self.engines.values() if e.state == "standby"),
                               key=lambda e: e.id)
             shape = self.shapes.get(model)

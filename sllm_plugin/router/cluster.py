@@ -409,15 +409,18 @@ class Cluster:
     async def start_replica(self, node: str, model: str, timeout: float,
                             standby: bool = True) -> Replica:
         """Start `model` on `node`; `standby`: the node may claim or swap into an idle standby
-        engine (the answer's `started_via` says what it did), else it starts cold."""
+        engine (the answer's `started_via` says what it did), else it starts cold. A node that
+        reports no `standby` in its status predates standby engines (and refuses fields it does
+        not know): it is not told."""
         self.starting[node] = self.starting.get(node, 0) + 1
+        body: dict = {"model": model, "wait": True, "timeout_s": timeout}
+        if isinstance((self.status.get(node) or {}).get("standby"), dict):
+            body["standby"] = standby
         try:
             await self.register(node, model)
             async with self.http.post(f"{self.nodes[node].url}/replicas",
                                       headers=self._headers(node),
-                                      timeout=deadline(timeout + 30),
-                                      json={"model": model, "wait": True,
-                                            "timeout_s": timeout, "standby": standby}) as r:
+                                      timeout=deadline(timeout + 30), json=body) as r:
                 status, info = r.status, await read_json(r)
         except (*UpstreamErrors, ValueError) as e:
             raise NodeUnavailable(f"node {node}: {type(e).__name__}: {e}") from None
