@@ -137,8 +137,9 @@ class Autoscaler:
                     "overheads": self.costs.describe()}
         self.decisions.append(decision)
         del self.decisions[:-50]
-        logger.info("placing %s on %s (%s): %s", model, placement.node, placement.via,
-                    placement.reason)
+        logger.info("placing %s on %s (%s): %s; weighed: %s", model, placement.node,
+                    placement.via, placement.reason,
+                    "; ".join(f"{o.node} {o.via} {o.seconds:.3f} s" for o in placement.options))
         for key in placement.free_replicas:
             victim = self.cluster.replicas.get(key)
             if victim is not None:
