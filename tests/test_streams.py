@@ -283,3 +283,35 @@ def test_a_replicas_refusal_names_the_clients_model_not_the_engines():
     assert isinstance(error, UpstreamRejected) and error.status == 400
     assert error.body == {"error": {"message": f"This model's ({CLIENT}) maximum context "
                                     "length is 64", "type": "BadRequestError", "code": 400}}
+
+
+async def warm(dest: ScriptedReplica, served: str | None, moved: list) -> dict | Exception:
+    """Migrate a stream (its first tokens in hand) to `dest`: the destination's warm-up."""
+    runner_, url = await dest.start()
+    replica = Replica("d", 1, CLIENT, url, served_name=served)
+    try:
+        async with upstream.open_session() as session:
+            runner = StreamRunner(session, None, MigrationModel(), 2, 3, 30,  # type: ignore[arg-type]
+                                  on_moved=lambda r: moved.append(r.key))
+            stream = Stream("completion", CLIENT, {"model": CLIENT, "prompt": "x"}, 5)
+            stream.prompt_ids, stream.generated = list(PROMPT), [10, 11]
+            stream.started.set()
+            runner.active[stream.id] = stream
+            try:
+                return await runner.migrate(stream, replica)
+            except Exception as e:  # what the admin API or `free` would be given
+                return e
+    finally:
+        await runner_.cleanup()
+
+
+def test_a_migration_warms_the_destination_under_its_served_name_and_a_moved_one_is_dropped():
+    dest, moved = ScriptedReplica([], breaks=False), []
+    outcome = asyncio.run(warm(dest, SWAPPED, moved))
+    assert isinstance(outcome, dict) and outcome["state"] == "switching", outcome
+    (body,) = dest.bodies
+    assert (body["model"], body["prompt"], body["max_tokens"]) == (SWAPPED, PROMPT + [10, 11], 1)
+    assert dest.models == [CLIENT] and moved == []
+    stale = ScriptedReplica([], breaks=False, refuse=(409, MOVED))
+    outcome = asyncio.run(warm(stale, None, moved))
+    assert isinstance(outcome, Exception) and moved == ["d/1"]
