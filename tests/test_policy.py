@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 
 from sllm_plugin.router.policy import (
+    STANDBY_STOP_S,
     MigrationModel,
     NodeView,
     ReplicaView,
     RouteWeights,
+    StandbyView,
+    StartupCosts,
     TierView,
     place,
     route,
@@ -105,6 +108,121 @@ def test_migration_model_calibrates_from_observed_resumes():
     model.observe(1000, 1.1)
     assert model.per_token_s == pytest.approx(0.3 * 0.001 + 0.7 * 0.0005)
     assert model.cost(100) == pytest.approx(0.1 + 100 * model.per_token_s)
+
+
+# -- standby engines and swaps (issue 12) ----------------------------------------------------
+
+SHAPE, OTHER_SHAPE = "a1" * 32, "b2" * 32
+
+
+def shaped(name: str, free: int = 1, dram: dict[str, str | None] | None = None,
+           standbys: tuple[StandbyView, ...] = (), dram_gbps: float = 10.0) -> NodeView:
+    """A node whose DRAM tier holds `dram` (model -> its engine-shape key, None: unknown)."""
+    dram = dram or {}
+    tier = TierView("dram", dram_gbps, 0.0, frozenset(dram),
+                    {m: s for m, s in dram.items() if s is not None})
+    return NodeView(name, free, (tier, TierView("ssd", 1.0, 0.0)), 0.5, standbys=standbys)
+
+
+def standby(node: str, model: str, shape: str | None = SHAPE, id: int = 7) -> StandbyView:
+    return StandbyView(f"{node}/{id}", shape, model)
+
+
+def costs(**learned: float) -> StartupCosts:
+    """Seeded costs with round numbers: process start 10 s, engine init 2 s, swap 0.5 s,
+    claim 0.05 s (overridden by `learned`)."""
+    return StartupCosts(**{"process_start_s": 10.0, "engine_init_s": 2.0, "swap_s": 0.5,
+                           "claim_s": 0.05, **learned})
+
+
+def test_a_standby_still_holding_the_model_is_claimed_before_any_swap_or_cold_start():
+    nodes = [shaped("a", dram={"m": SHAPE}, standbys=(standby("a", "m"),)),
+             shaped("b", dram={"m": SHAPE}, standbys=(standby("b", "other"),))]
+    chosen = place("m", 2 * GB, nodes, MigrationModel(), costs=costs())
+    assert (chosen.node, chosen.via, chosen.cost_s) == ("a", "standby", 0.05)
+    assert "a/7 holds m" in chosen.reason and "default, not yet observed" in chosen.reason
+    # Every option weighed is recorded, cheapest first, with its own estimate.
+    assert [(o.node, o.via, round(o.seconds, 6)) for o in chosen.options] == [
+        ("a", "standby", 0.05), ("b", "swap", 0.7), ("a", "cold", 12.2), ("b", "cold", 12.2)]
+
+
+def test_a_swap_into_a_standby_of_the_models_shape_beats_a_cold_start():
+    nodes = [shaped("cold", dram={"m": SHAPE}, dram_gbps=20.0),
+             shaped("warm", dram={"m": SHAPE}, standbys=(standby("warm", "other"),))]
+    chosen = place("m", 4 * GB, nodes, MigrationModel(), costs=costs())
+    # swap: 4 GB / 10 GB/s + 0.5 s swap overhead; cold: 4 GB / 20 GB/s + 10 s + 2 s.
+    assert (chosen.node, chosen.via) == ("warm", "swap")
+    assert chosen.cost_s == pytest.approx(0.4 + 0.5)
+    assert chosen.estimate.tier == "dram" and "swap into standby warm/7" in chosen.reason
+    cold = next(o for o in chosen.options if o.node == "cold")
+    assert cold.via == "cold" and cold.seconds == pytest.approx(0.2 + 12.0)
+
+
+def test_shapes_that_differ_never_swap_and_an_unknown_shape_never_swaps():
+    for model_shape, standby_shape in ((SHAPE, OTHER_SHAPE), (None, SHAPE), (SHAPE, None)):
+        node = shaped("a", free=0, dram={"m": model_shape},
+                      standbys=(standby("a", "other", standby_shape),))
+        chosen = place("m", GB, [node], MigrationModel(), costs=costs())
+        assert chosen.via == "cold", (model_shape, standby_shape)
+        assert {o.via for o in chosen.options} == {"cold"}
+        # No free device: the standby of another shape gives way, at a stated constant.
+        assert chosen.cost_s == pytest.approx(0.1 + 12.0 + STANDBY_STOP_S)
+        assert "a/7 gives way" in chosen.reason
+
+
+def test_a_standby_of_the_models_own_shape_does_not_give_way_for_a_cold_start():
+    node = shaped("a", free=0, dram={"m": SHAPE}, standbys=(standby("a", "other"),))
+    chosen = place("m", GB, [node], MigrationModel(), costs=costs(swap_s=1000.0))
+    # The only way on this node is the swap, however slow (a cold start asks for no standby).
+    assert chosen.via == "swap" and [o.via for o in chosen.options] == ["swap"]
+
+
+def test_devices_held_by_standbys_count_as_free_for_a_cold_start():
+    full = shaped("a", free=0, dram={"m": SHAPE})
+    assert place("m", GB, [full], MigrationModel(), costs=costs()) is None
+    held = shaped("a", free=0, dram={"m": SHAPE},
+                  standbys=(standby("a", "x", OTHER_SHAPE),))
+    chosen = place("m", GB, [held], MigrationModel(), costs=costs())
+    assert (chosen.node, chosen.via, chosen.free_replicas) == ("a", "cold", ())
+
+
+def test_learned_overheads_replace_the_defaults_and_change_the_choice():
+    learned = costs()
+    nodes = [shaped("cold", dram={"m": SHAPE}),
+             shaped("warm", dram={"m": SHAPE}, standbys=(standby("warm", "other"),))]
+    assert place("m", GB, nodes, MigrationModel(), costs=learned).via == "swap"
+    # Swaps turn out slow on these nodes (say, engine layout repacking): 30 s observed.
+    learned.observe("swap", {"queue": 0.0, "load": 0.1, "swap": 30.0, "total": 30.1})
+    assert learned.swap.value == 30.0 and learned.swap.samples == 1
+    chosen = place("m", GB, nodes, MigrationModel(), costs=learned)
+    assert (chosen.node, chosen.via) == ("cold", "cold")
+    assert "swap 30.00 s (learned from 1 start(s))" in next(
+        o.detail for o in chosen.options if o.via == "swap")
+    # Cold starts turn out slower still: the moving average follows (alpha 0.3).
+    learned.observe("cold", {"process_start": 100.0, "engine_init": 10.0, "load": 0.1})
+    learned.observe("cold", {"process_start": 50.0, "engine_init": 10.0})
+    assert learned.process_start.value == pytest.approx(0.3 * 50 + 0.7 * 100)
+    assert learned.engine_init.value == 10.0 and learned.process_start.samples == 2
+    assert place("m", GB, nodes, MigrationModel(), costs=learned).via == "swap"
+    learned.observe("standby", {"swap": 0.001, "total": 0.2})
+    assert learned.claim.value == 0.2
+
+
+def test_phases_that_are_not_believable_are_not_learned():
+    learned = costs()
+    for bad in (-1.0, float("nan"), float("inf"), True, "3", None, 1e9):
+        learned.observe("cold", {"process_start": bad, "engine_init": bad})
+        learned.observe("swap", {"swap": bad})
+    assert (learned.process_start.value, learned.process_start.samples) == (10.0, 0)
+    assert (learned.swap.value, learned.swap.samples) == (0.5, 0)
+
+
+def test_without_costs_placement_weighs_the_weights_alone():
+    nodes = [shaped("a", dram={"m": SHAPE}), shaped("b", dram={"m": SHAPE},
+                                                     standbys=(standby("b", "other"),))]
+    chosen = place("m", GB, nodes, MigrationModel())
+    # Equal loads: the cold start on the first node (seen first) wins the tie.
+    assert chosen.cost_s == pytest.approx(0.1) and chosen.node == "a"
 
 
 def _replica(key: str, load: int = 0) -> ReplicaView:

@@ -19,18 +19,24 @@ from aiohttp import web
 from sllm_plugin.router import upstream
 from sllm_plugin.router.cluster import Replica
 from sllm_plugin.router.policy import MigrationModel
-from sllm_plugin.router.streams import ReplayDiverged, Stream, StreamRunner
+from sllm_plugin.router.streams import (
+    ReplayDiverged,
+    Stream,
+    StreamRunner,
+    UpstreamRejected,
+)
 
 PROMPT = [1, 2, 3]
 
 
 def chunk(token: int, text: str, finish: str | None = None, prompt: bool = False,
-          stop_reason: str | None = None) -> bytes:
+          stop_reason: str | None = None, model: str | None = None) -> bytes:
     choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": finish,
               "stop_reason": stop_reason}
     if prompt:
         choice["prompt_token_ids"] = PROMPT
-    return f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n".encode()
+    named = {"model": model} if model else {}  # vLLM names its --served-model-name here
+    return f"data: {json.dumps({'id': 'x', **named, 'choices': [choice]})}\n\n".encode()
 
 
 class ScriptedReplica:
@@ -39,11 +45,17 @@ class ScriptedReplica:
     Stands in for vLLM (see the module docstring); it records the bodies it was sent.
     """
 
-    def __init__(self, chunks: list[bytes], breaks: bool) -> None:
+    def __init__(self, chunks: list[bytes], breaks: bool,
+                 refuse: tuple[int, dict] | None = None) -> None:
         self.chunks, self.breaks, self.bodies = chunks, breaks, []
+        self.refuse = refuse  # (status, JSON body) to answer instead of a stream
+        self.models: list[str | None] = []  # the X-Sllm-Model header of each call
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.json())
+        self.models.append(request.headers.get("X-Sllm-Model"))
+        if self.refuse is not None:
+            return web.json_response(self.refuse[1], status=self.refuse[0])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for piece in self.chunks:
@@ -184,3 +196,122 @@ def test_a_regenerated_text_that_differs_is_an_error_not_a_splice():
         [chunk(10, "ab", prompt=True), chunk(11, "cX")]))
     assert isinstance(items[-1], ReplayDiverged)
     assert "produced the text 'cZ' where the stream already has 'cX'" in str(items[-1])
+
+
+# -- names: the engine's served name upstream, the client's model in every chunk (issue 12) --
+
+SWAPPED = "org/a"  # the engine's --served-model-name: it was cold-started for org/a ...
+CLIENT = "org/b"  # ... and given org/b's weights since
+
+
+async def run_on(replicas: list[tuple[ScriptedReplica, str | None]], body: dict,
+                 moved: list | None = None) -> list:
+    """Run one stream of CLIENT's model on the first of `replicas` ((script, served name)),
+    failing over to the next ones in order; `moved` collects the replicas reported moved."""
+    started = [await r.start() for r, _ in replicas]
+    handles = [Replica(chr(97 + i), 1, CLIENT, url, served_name=served)
+               for i, ((_, url), (_, served)) in enumerate(zip(started, replicas, strict=True))]
+
+    async def pick(model: str, exclude=()) -> Replica:
+        assert model == CLIENT
+        return next(r for r in handles if r.key not in exclude and r.state != "gone")
+
+    def on_moved(replica: Replica) -> None:
+        replica.state = "gone"
+        (moved if moved is not None else []).append(replica.key)
+
+    try:
+        async with upstream.open_session() as session:
+            runner = StreamRunner(session, pick, MigrationModel(), 2, 3, 30, on_moved=on_moved)
+            stream = Stream("completion", CLIENT, {"model": CLIENT, "prompt": "x", **body}, 5)
+            task = asyncio.create_task(runner.run(stream, handles[0]))
+            items = []
+            while (item := await stream.events.get()) is not None:
+                items.append(item)
+                if isinstance(item, Exception):
+                    break
+            await task
+            return items
+    finally:
+        for runner, _ in started:
+            await runner.cleanup()
+
+
+def test_a_failover_from_a_swapped_engine_names_each_engine_upstream_and_the_client_model():
+    source = ScriptedReplica([chunk(10, "a", prompt=True, model=SWAPPED), chunk(11, "b",
+                                                                        model=SWAPPED)],
+                             breaks=True)
+    dest = ScriptedReplica([chunk(12, "c", prompt=True, model=CLIENT),
+                            chunk(13, "d", finish="length", model=CLIENT)], breaks=False)
+    items = asyncio.run(run_on([(source, SWAPPED), (dest, None)],
+                               {"temperature": 0, "return_token_ids": True,
+                                "stream_options": {"include_usage": True}}))
+    # Upstream: each engine by its served name (a record without one: the model), and the
+    # client's model in the header its guard checks.
+    assert [b["model"] for b in source.bodies + dest.bodies] == [SWAPPED, CLIENT]
+    assert source.models == dest.models == [CLIENT]
+    assert dest.bodies[0]["prompt"] == PROMPT + [10, 11]
+    chunks = [c for batch in items for c in batch]
+    assert len(chunks) == 5 and [c["model"] for c in chunks] == [CLIENT] * 5
+    assert delivered(items[:-1]) == ([10, 11, 12, 13], "abcd")
+
+
+MOVED = {"error": {"message": "the engine holds org/c now", "type": "model_moved"}}
+
+
+def test_a_replica_whose_engine_holds_another_model_now_is_dropped_and_the_stream_goes_on():
+    stale = ScriptedReplica([], breaks=False, refuse=(409, MOVED))
+    good = ScriptedReplica([chunk(10, "a", prompt=True, model=SWAPPED),
+                            chunk(11, "b", finish="length", model=SWAPPED)], breaks=False)
+    moved: list[str] = []
+    items = asyncio.run(run_on([(stale, None), (good, SWAPPED)], {"return_token_ids": True},
+                               moved))
+    assert moved == ["a/1"] and len(stale.bodies) == 1 and stale.models == [CLIENT]
+    (body,) = good.bodies
+    assert body["model"] == SWAPPED and body["prompt"] == "x"  # the client's request, as sent
+    assert not any(isinstance(i, Exception) for i in items)
+    assert [c["model"] for batch in items for c in batch] == [CLIENT, CLIENT]
+    assert delivered(items) == ([10, 11], "ab")
+
+
+def test_a_replicas_refusal_names_the_clients_model_not_the_engines():
+    refusal = {"error": {"message": f"This model's ({SWAPPED}) maximum context length is 64",
+                         "type": "BadRequestError", "code": 400}}
+    refusing = ScriptedReplica([], breaks=False, refuse=(400, refusal))
+    items = asyncio.run(run_on([(refusing, SWAPPED)], {}))
+    (error,) = items
+    assert isinstance(error, UpstreamRejected) and error.status == 400
+    assert error.body == {"error": {"message": f"This model's ({CLIENT}) maximum context "
+                                    "length is 64", "type": "BadRequestError", "code": 400}}
+
+
+async def warm(dest: ScriptedReplica, served: str | None, moved: list) -> dict | Exception:
+    """Migrate a stream (its first tokens in hand) to `dest`: the destination's warm-up."""
+    runner_, url = await dest.start()
+    replica = Replica("d", 1, CLIENT, url, served_name=served)
+    try:
+        async with upstream.open_session() as session:
+            runner = StreamRunner(session, None, MigrationModel(), 2, 3, 30,  # type: ignore[arg-type]
+                                  on_moved=lambda r: moved.append(r.key))
+            stream = Stream("completion", CLIENT, {"model": CLIENT, "prompt": "x"}, 5)
+            stream.prompt_ids, stream.generated = list(PROMPT), [10, 11]
+            stream.started.set()
+            runner.active[stream.id] = stream
+            try:
+                return await runner.migrate(stream, replica)
+            except Exception as e:  # what the admin API or `free` would be given
+                return e
+    finally:
+        await runner_.cleanup()
+
+
+def test_a_migration_warms_the_destination_under_its_served_name_and_a_moved_one_is_dropped():
+    dest, moved = ScriptedReplica([], breaks=False), []
+    outcome = asyncio.run(warm(dest, SWAPPED, moved))
+    assert isinstance(outcome, dict) and outcome["state"] == "switching", outcome
+    (body,) = dest.bodies
+    assert (body["model"], body["prompt"], body["max_tokens"]) == (SWAPPED, PROMPT + [10, 11], 1)
+    assert dest.models == [CLIENT] and moved == []
+    stale = ScriptedReplica([], breaks=False, refuse=(409, MOVED))
+    outcome = asyncio.run(warm(stale, None, moved))
+    assert isinstance(outcome, Exception) and moved == ["d/1"]

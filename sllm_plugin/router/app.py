@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..httperrors import install_request_error_handlers
 from .autoscaler import Autoscaler, RouterError
-from .cluster import Cluster
+from .cluster import Cluster, Replica, for_client, model_moved
 from .config import ModelSpec, RouterConfig, check_model_name
 from .discovery import Discovery
 from .metrics import RouterMetrics
@@ -34,11 +34,16 @@ from .policy import MigrationModel
 from .prefix import PrefixIndex, prompt_blocks
 from .requests import BadRequest, parse_body, validate_request
 from .streams import Stream, StreamRunner, UpstreamRejected, final_response, trackable
-from .upstream import UpstreamErrors, dumps, open_session, sse_batches, timeout
+from .upstream import UpstreamErrors, dumps, loads, open_session, sse_batches, timeout
 
 logger = logging.getLogger("sllm_plugin.router")
 Credentials = Annotated[HTTPAuthorizationCredentials | None,
                         Depends(HTTPBearer(auto_error=False))]
+
+
+# Replicas tried for one untracked request that answer `model_moved` (their engines were given
+# other models since the router last polled their nodes) before the client gets a 503.
+MAX_MOVED_RETRIES = 4
 
 
 def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -101,7 +106,8 @@ class Router:
         self.runner = StreamRunner(self.http, self.autoscaler.pick, self.migration,
                                    config.limits.migration_gap_tokens,
                                    config.limits.migration_rounds,
-                                   config.limits.upstream_timeout_s, self._migrated)
+                                   config.limits.upstream_timeout_s, self._migrated,
+                                   self.cluster.replica_moved)
         self.autoscaler.runner = self.runner
         self.tasks: list[asyncio.Task] = []
         self.recent_moves: collections.deque[dict] = collections.deque(maxlen=256)
@@ -262,8 +268,16 @@ def create_app(config: RouterConfig) -> FastAPI:
         replica = await router.autoscaler.pick(model, blocks)
         headers = {"x-sllm-replica": replica.key}
         if why_not is not None:
-            response = await _passthrough(kind, body, replica, started)
-            response.headers.update(headers)
+            moved: set[str] = set()
+            while (response := await _passthrough(kind, body, replica)) is None:
+                # The engine holds another model now (dropped): the next replica of this one.
+                moved.add(replica.key)
+                if len(moved) >= MAX_MOVED_RETRIES:
+                    router.metrics.requests.labels(model, "503").inc()
+                    return error(503, f"{len(moved)} replicas of {model!r} in a row no longer "
+                                 "held it (model_moved); try again", "service_unavailable")
+                replica = await router.autoscaler.pick(model, blocks, exclude=moved)
+            response.headers["x-sllm-replica"] = replica.key
             return response
         stream = Stream(kind, model, body, max_tokens)
         task = asyncio.create_task(router.runner.run(stream, replica))
@@ -317,15 +331,20 @@ def create_app(config: RouterConfig) -> FastAPI:
             if not task.done():  # the client went away: stop the upstream request too
                 task.cancel()
 
-    async def _passthrough(kind: str, body: dict, replica, started: float) -> Response:
-        """Requests the router cannot follow token by token: proxied as they are. The
-        replica's status comes back as it is, for a stream too (its error is not a 200)."""
+    async def _passthrough(kind: str, body: dict, replica: Replica) -> Response | None:
+        """Requests the router cannot follow token by token: proxied as they are, but for the
+        model's name (the engine's served name upstream, the client's in what comes back).
+        The replica's status comes back as it is, for a stream too (its error is not a 200).
+        None: the replica's guard said its engine holds another model now (`model_moved`);
+        the replica is dropped and the caller tries the next one."""
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         model = body["model"]
+        rename = replica.served != model
         replica.in_flight += 1
         relaying = False  # once the stream is handed on, `relay` releases the replica
         try:
-            r = await router.http.post(f"{replica.url}{path}", json=body,
+            r = await router.http.post(f"{replica.url}{path}",
+                                       json={**body, "model": replica.served},
                                        headers=replica.headers,
                                        timeout=timeout(config.limits.upstream_timeout_s))
             relaying = bool(body.get("stream")) and r.status == 200
@@ -336,6 +355,16 @@ def create_app(config: RouterConfig) -> FastAPI:
                     content = await r.read()
                 finally:
                     r.release()
+                if rename or r.status == 409:
+                    try:
+                        payload = loads(content)
+                    except ValueError:
+                        payload = None
+                    if model_moved(r.status, payload):
+                        router.cluster.replica_moved(replica)
+                        return None
+                    if rename and payload is not None:
+                        content = dumps(for_client(payload, replica))
                 router.metrics.requests.labels(model, str(r.status)).inc()
                 return Response(content, status_code=r.status, media_type="application/json")
         except UpstreamErrors as e:
@@ -356,10 +385,21 @@ def create_app(config: RouterConfig) -> FastAPI:
                 r.close()
                 replica.in_flight -= 1
 
+        def renamed(line: str) -> str:
+            """An SSE line naming the client's model (a `data:` line of JSON), else as is."""
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data.startswith("{"):
+                return line
+            try:
+                return "data: " + dumps(for_client(loads(data), replica)).decode()
+            except ValueError:
+                return line
+
         async def relay():
             try:
                 async for batch in sse_batches(r):
-                    yield "".join([line + "\n\n" for line in batch])
+                    yield "".join([(renamed(line) if rename else line) + "\n\n"
+                                   for line in batch])
             finally:
                 release()
 

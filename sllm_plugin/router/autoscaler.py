@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from .cluster import Cluster, NodeUnavailable, Replica
 from .config import RouterConfig
 from .metrics import RouterMetrics
-from .policy import MigrationModel, place, route
+from .policy import MigrationModel, StartupCosts, place, route
 from .prefix import PrefixIndex
 from .streams import StreamRunner
 
@@ -39,6 +39,9 @@ class Autoscaler:
         self.waiting: dict[str, int] = {}
         self.starts: dict[str, asyncio.Task] = {}
         self.decisions: list[dict] = []  # recent placement decisions, for the admin API
+        # Start overheads (process start, engine init, swap, claim), learned from the phases
+        # the nodes report for the replicas this router starts.
+        self.costs = StartupCosts()
 
     # -- choosing a replica -------------------------------------------------------------
 
@@ -122,25 +125,38 @@ class Autoscaler:
                               503, "service_unavailable")
         await self.cluster.poll_once()  # a cold start is worth fresh tiers and queues
         placement = place(model, self.cluster.model_size(model), self.cluster.views(),
-                          self.migration, self.cluster.sizes())
+                          self.migration, self.cluster.sizes(), self.costs)
         if placement is None:
             raise RouterError(f"no node has a free device for {model!r}", 503,
                               "service_unavailable")
-        self.decisions.append({"model": model, "node": placement.node,
-                               "estimate_s": placement.estimate.seconds,
-                               "cost_s": placement.cost_s, "reason": placement.reason,
-                               "freed": list(placement.free_replicas)})
+        decision = {"model": model, "node": placement.node, "via": placement.via,
+                    "estimate_s": placement.estimate.seconds,
+                    "cost_s": placement.cost_s, "reason": placement.reason,
+                    "freed": list(placement.free_replicas),
+                    "options": [o.describe() for o in placement.options],
+                    "overheads": self.costs.describe()}
+        self.decisions.append(decision)
         del self.decisions[:-50]
-        logger.info("placing %s on %s: %s", model, placement.node, placement.reason)
+        logger.info("placing %s on %s (%s): %s; weighed: %s", model, placement.node,
+                    placement.via, placement.reason,
+                    "; ".join(f"{o.node} {o.via} {o.seconds:.3f} s" for o in placement.options))
         for key in placement.free_replicas:
             victim = self.cluster.replicas.get(key)
             if victim is not None:
                 await self.free(victim)
+        # A cold start asks for one (a standby of the model's shape would otherwise be used).
         replica = await self.cluster.start_replica(placement.node, model,
-                                                   self.config.limits.start_timeout_s)
+                                                   self.config.limits.start_timeout_s,
+                                                   standby=placement.via != "cold")
+        # What the node did (it may differ from the plan: a standby claimed meanwhile).
+        via = replica.started_via or "cold"
+        decision["started_via"] = via
+        self.costs.observe(via, replica.phases)
+        self.metrics.starts.labels(model, via).inc()
         self.metrics.cold_starts.labels(model, placement.node, replica.tier or "?").inc()
         for phase, seconds in replica.phases.items():
-            self.metrics.cold_start_phase.labels(model, phase).observe(seconds)
+            if isinstance(seconds, (int, float)):
+                self.metrics.cold_start_phase.labels(model, phase).observe(seconds)
         return replica
 
     # -- freeing replicas and nodes ---------------------------------------------------------
@@ -200,7 +216,8 @@ class Autoscaler:
             for replica in idle[: max(0, len(ready) - spec.min_replicas)]:
                 logger.info("stopping %s: idle for %.0f s (keep-alive %.0f s)", replica.key,
                             now - replica.last_used, spec.keep_alive_s)
-                await self.cluster.stop_replica(replica)
+                # The node may keep its engine as a standby (its standby policy decides).
+                await self.cluster.stop_replica(replica, standby=True)
             if len(ready) < spec.min_replicas and not self.waiting.get(model):
                 self.start(model)
             mine = [r for r in self.cluster.replicas.values() if r.model == model]

@@ -17,8 +17,15 @@ import aiohttp
 from ..tokens import TokenError, local_node_token
 from ..vllmlog import root_cause
 from .config import NodeRef, RouterConfig, explicit_node_token, is_loopback
-from .policy import NodeView, ReplicaView, TierView
+from .policy import NodeView, ReplicaView, StandbyView, TierView
 from .upstream import UpstreamErrors, deadline, read_json
+
+# The header that tells a replica's guard which model the router means (contract of issue 12):
+# an engine that was given other weights since answers 409 `model_moved` instead of serving.
+MODEL_HEADER = "X-Sllm-Model"
+MODEL_MOVED = "model_moved"
+# Node replica states that are not replicas for the router: never routed to, adopted, counted.
+NOT_REPLICAS = ("standby", "swapping")
 
 logger = logging.getLogger("sllm_plugin.router")
 
@@ -70,10 +77,21 @@ class Replica:
     tier: str | None = None
     # The replica's serving key from its node (see sllm_plugin.vllm.guard); never shown.
     api_key: str | None = field(default=None, repr=False)
+    # The engine's --served-model-name: what the router names as `model` upstream (after a
+    # swap it is not `model`, the client's name); None: a node that does not say (= model).
+    served_name: str | None = None
+    started_via: str | None = None  # "cold" | "swap" | "standby", as the node reports it
+
+    @property
+    def served(self) -> str:
+        return self.served_name or self.model
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {MODEL_HEADER: self.model}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
     @property
     def key(self) -> str:
@@ -92,7 +110,38 @@ class Replica:
         return {"id": self.key, "node": self.node, "model": self.model, "url": self.url,
                 "state": self.state, "in_flight": self.in_flight,
                 "running": self.reported_running, "waiting": self.reported_waiting,
-                "tier": self.tier, "phases": self.phases}
+                "tier": self.tier, "phases": self.phases, "served_name": self.served,
+                "started_via": self.started_via}
+
+
+def served_name(info: dict) -> str | None:
+    """The record's `served_name` when it is a usable one (a string that fits in a body)."""
+    name = info.get("served_name")
+    return name if isinstance(name, str) and 0 < len(name) <= 512 else None
+
+
+def for_client(payload: object, replica: Replica) -> object:
+    """A replica's JSON answer (a response, a chunk, an error) as the client should see it:
+    naming the client's model where the engine named its served name (they differ after a
+    swap). Changed in place and returned; anything else is returned as it is."""
+    served, model = replica.served, replica.model
+    if served == model or not isinstance(payload, dict):
+        return payload
+    if payload.get("model") == served:
+        payload["model"] = model
+    err = payload.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        err["message"] = err["message"].replace(served, model)
+    return payload
+
+
+def model_moved(status: int, payload: object) -> bool:
+    """Whether a replica's answer is its guard's 409 `model_moved`: the engine holds another
+    model now (the router's view is stale), so it is no replica of the requested one."""
+    if status != 409 or not isinstance(payload, dict):
+        return False
+    err = payload.get("error")
+    return isinstance(err, dict) and err.get("type") == MODEL_MOVED
 
 
 class Cluster:
@@ -115,6 +164,7 @@ class Cluster:
         self.lost_at: dict[str, float] = {}  # node -> wall time of its last loss
         self.fresh: set[str] = set(self.nodes)
         self.on_lost: Callable[[list[Replica]], None] | None = None
+        self._background: set[asyncio.Task] = set()  # re-polls under way (kept referenced)
 
     def _headers(self, node: str) -> dict[str, str]:
         token = self.tokens.get(node)
@@ -190,11 +240,15 @@ class Cluster:
             if rep.node != name or rep.state == "starting":
                 continue
             info = alive.get(rep.node_replica_id)
-            if info is None or info["state"] not in ("ready",):
+            # A standby or a swap target is no replica; nor an engine given another model.
+            if info is None or info["state"] not in ("ready",) or info.get("model") != rep.model:
                 if rep.state != "gone":
-                    logger.info("replica %s is gone (%s)", rep.key,
-                                info["state"] if info else "unknown to its node")
+                    logger.info("replica %s of %s is gone (%s)", rep.key, rep.model,
+                                "unknown to its node" if info is None else
+                                f"{info['state']}, holding {info.get('model')}")
                 rep.state = "gone"
+                continue
+            rep.served_name = served_name(info) or rep.served_name
         await self._adopt(name, status["replicas"])
         self._drop_gone()
 
@@ -221,7 +275,8 @@ class Cluster:
                 continue
             replica = Replica(name, int(info["id"]), model, str(info["url"]),
                               tier=info.get("tier"), phases=dict(info.get("phases") or {}),
-                              api_key=keys[str(info["id"])])
+                              api_key=keys[str(info["id"])], served_name=served_name(info),
+                              started_via=info.get("started_via"))
             alive = [r for r in self.replicas.values() if r.model == model
                      and r.state in ("starting", "ready")]
             if fresh and len(alive) >= self.config.models[model].max_replicas:
@@ -305,13 +360,15 @@ class Cluster:
             free = sum(1 for d in status["devices"] if d["replica"] is None)
             free = max(0, free - self.starting.get(name, 0))
             tiers = tuple(TierView(t["name"], t["read_gbps"], t["queue_drain_s"],
-                                   frozenset(m["name"] for m in t["models"]))
+                                   frozenset(m["name"] for m in t["models"]),
+                                   {m["name"]: m["shape"] for m in t["models"]
+                                    if isinstance(m.get("shape"), str) and m["shape"]})
                           for t in status["tiers"])
             replicas = tuple(r.view() for r in self.replicas.values() if r.node == name)
             usable = name not in self.draining and name not in self.failed
             views.append(NodeView(name, free if usable else 0, tiers,
                                   status["transfer_gbps"].get("fetch"), replicas,
-                                  healthy=usable))
+                                  healthy=usable, standbys=standby_views(name, status)))
         return views
 
     def model_size(self, model: str) -> int:
@@ -349,15 +406,21 @@ class Cluster:
                 logger.warning("registering %s on %s: %s %s", model, node, r.status,
                                await r.text())
 
-    async def start_replica(self, node: str, model: str, timeout: float) -> Replica:
+    async def start_replica(self, node: str, model: str, timeout: float,
+                            standby: bool = True) -> Replica:
+        """Start `model` on `node`; `standby`: the node may claim or swap into an idle standby
+        engine (the answer's `started_via` says what it did), else it starts cold. A node that
+        reports no `standby` in its status predates standby engines (and refuses fields it does
+        not know): it is not told."""
         self.starting[node] = self.starting.get(node, 0) + 1
+        body: dict = {"model": model, "wait": True, "timeout_s": timeout}
+        if isinstance((self.status.get(node) or {}).get("standby"), dict):
+            body["standby"] = standby
         try:
             await self.register(node, model)
             async with self.http.post(f"{self.nodes[node].url}/replicas",
                                       headers=self._headers(node),
-                                      timeout=deadline(timeout + 30),
-                                      json={"model": model, "wait": True,
-                                            "timeout_s": timeout}) as r:
+                                      timeout=deadline(timeout + 30), json=body) as r:
                 status, info = r.status, await read_json(r)
         except (*UpstreamErrors, ValueError) as e:
             raise NodeUnavailable(f"node {node}: {type(e).__name__}: {e}") from None
@@ -366,26 +429,65 @@ class Cluster:
         if status >= 300 or not isinstance(info, dict) or info.get("state") != "ready":
             raise NodeUnavailable(f"node {node} could not start {model}: "
                                   f"{replica_failure(status, info)}")
+        if info.get("model", model) != model:
+            raise NodeUnavailable(f"node {node} was asked for {model} and answered with a "
+                                  f"replica of another model")
+        via = info.get("started_via")
         try:
             replica = Replica(node, int(info["id"]), model, str(info["url"]),
                               tier=info.get("tier"), phases=dict(info.get("phases") or {}),
-                              api_key=info.get("api_key"))
+                              api_key=info.get("api_key"), served_name=served_name(info),
+                              started_via=via if via in ("cold", "swap", "standby") else None)
         except (KeyError, TypeError, ValueError):
             raise NodeUnavailable(f"node {node} started {model} but described it without an "
                                   "id and url") from None
         self.replicas[replica.key] = replica
         return replica
 
-    async def stop_replica(self, replica: Replica) -> None:
+    async def stop_replica(self, replica: Replica, standby: bool = False) -> None:
+        """Stop `replica`; `standby`: the node may keep its engine as an idle standby of its
+        shape instead (its policy decides), which is no replica for the router either way."""
         replica.state = "stopping"
         try:
             if replica.node not in self.nodes:  # the node left: nothing to ask it
                 raise aiohttp.ClientError(f"node {replica.node} is no longer known")
             url = f"{self.nodes[replica.node].url}/replicas/{replica.node_replica_id}"
             async with self.http.delete(url, headers=self._headers(replica.node),
+                                        params={"standby": "true"} if standby else None,
                                         timeout=deadline(120)):
                 pass
         except UpstreamErrors as e:
             logger.warning("stopping %s: %s", replica.key, e)
         replica.state = "gone"
         self._drop_gone()
+
+    def replica_moved(self, replica: Replica) -> None:
+        """`replica`'s guard says its engine holds another model now: it is no replica of its
+        model any more (nothing is routed there), and its node is asked again at once."""
+        if replica.state == "gone":
+            return
+        logger.warning("replica %s no longer holds %s (model_moved); dropped", replica.key,
+                       replica.model)
+        replica.state = "gone"
+        self._drop_gone()
+        if replica.node in self.nodes:
+            task = asyncio.get_running_loop().create_task(self._poll_node(replica.node))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+
+def standby_views(node: str, status: dict) -> tuple[StandbyView, ...]:
+    """The node's idle standby engines from its status (`standby.engines`; none from a node
+    that does not report them). Malformed entries are skipped, never trusted."""
+    standby = status.get("standby")
+    engines = standby.get("engines") if isinstance(standby, dict) else None
+    views = []
+    for engine in engines if isinstance(engines, list) else ():
+        if not isinstance(engine, dict) or not isinstance(engine.get("model"), str):
+            continue
+        shape, devices = engine.get("shape"), engine.get("devices")
+        views.append(StandbyView(f"{node}/{engine.get('id')}",
+                                 shape if isinstance(shape, str) and shape else None,
+                                 engine["model"],
+                                 len(devices) if isinstance(devices, list) else 1))
+    return tuple(views)

@@ -19,6 +19,9 @@ class RouterMetrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.cold_starts = Counter("sllm_router_cold_starts", "Replicas started by the router",
                                    ["model", "node", "tier"], registry=r)
+        self.starts = Counter("sllm_router_starts", "Replicas started by the router, by how "
+                              "the node started them (cold | swap | standby)",
+                              ["model", "via"], registry=r)
         self.cold_start_phase = Histogram("sllm_router_cold_start_phase_seconds",
                                           "Cold start phases as the node daemon reports them",
                                           ["model", "phase"], buckets=LATENCY_BUCKETS,

@@ -2,21 +2,45 @@
 
 No I/O and no clock of its own, so the router and the simulator run the same decisions.
 
-Placement (ServerlessLLM's estimator, with the bandwidths the node daemons measure):
-    startup(node) = wait of the queue that must run first + bytes / bandwidth of the best
-    tier holding the checkpoint (a remote fetch, then an SSD read, where no tier has it).
-Among nodes with free devices, the lowest estimate wins. If a busy node would still be the
-fastest once freed, freeing it is costed too: the running requests of a replica there are
-migrated to other replicas of their model (re-prefill of their tokens, calibrated from observed
-resumes) and, where their model has no other replica, a new one is loaded elsewhere.
+Placement weighs three ways to get a ready replica on each node (issue 12) and takes the
+cheapest over all nodes:
+- `standby`: an idle standby engine there still holds the model's weights: it serves after a
+  claim (the learned claim overhead).
+- `swap`: an idle standby engine of the model's shape (the engine-shape key the node reports
+  for the checkpoint in its tiers; no key, no swap: other shapes would give wrong tokens) is
+  given the weights: load (below) + the learned swap overhead (pause, rpc, cache reset, resume).
+- `cold`: a new engine on a free device (or one a standby of another shape gives way for, at
+  `STANDBY_STOP_S`): load + the learned process start + engine init.
+The load is ServerlessLLM's estimator, with the bandwidths the node daemons measure: wait of
+the queue that must run first + bytes / bandwidth of the best tier holding the checkpoint (a
+remote fetch, then an SSD read, where no tier has it). The overheads are moving averages of the
+phases the nodes report for the replicas this router starts (`StartupCosts`), seeded with the
+defaults below until observed. If a busy node would still be the fastest once freed, freeing
+it is costed too: the running requests of a replica there are migrated to other replicas of
+their model (re-prefill of their tokens, calibrated from observed resumes) and, where their
+model has no other replica, a new one is loaded elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_FETCH_GBPS = 0.1  # until a node has measured a fetch: a pessimistic remote
+
+# Seeds of the learned start overheads, until the nodes have reported the phase: a cold start of
+# the demo model on the reference VM (issue 12: process_start 16.1 s, engine_init 2.1 s), and a
+# swap's control calls on CPU (docs/FAST_START.md: 0.1-0.45 s beside the load).
+DEFAULT_PROCESS_START_S = 16.0
+DEFAULT_ENGINE_INIT_S = 2.0
+DEFAULT_SWAP_S = 0.4
+DEFAULT_CLAIM_S = 0.05  # a standby that holds the model: no load, a state change on the node
+# A standby of another shape gives way for a cold start (stopping its process): a constant, as
+# the nodes do not report it.
+STANDBY_STOP_S = 1.0
+# Reported phases beyond this are not believed (a clock jump, a hostile node).
+MAX_PHASE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +49,18 @@ class TierView:
     read_gbps: float | None
     queue_drain_s: float | None
     models: frozenset[str] = frozenset()
+    # model -> its engine-shape key on this node (models with no key known are absent)
+    shapes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StandbyView:
+    """An idle engine the node keeps: never a replica; a start may claim or swap into it."""
+
+    id: str  # "<node>/<replica id>"
+    shape: str | None
+    model: str  # whose weights it holds now
+    devices: int = 1
 
 
 @dataclass(frozen=True)
@@ -50,9 +86,14 @@ class NodeView:
     fetch_gbps: float | None = None
     replicas: tuple[ReplicaView, ...] = ()
     healthy: bool = True
+    standbys: tuple[StandbyView, ...] = ()
 
     def tier(self, name: str) -> TierView | None:
         return next((t for t in self.tiers if t.name == name), None)
+
+    def shape_of(self, model: str) -> str | None:
+        """The engine-shape key this node reports for `model`'s checkpoint, if any."""
+        return next((t.shapes[model] for t in self.tiers if t.shapes.get(model)), None)
 
 
 @dataclass(frozen=True)
@@ -64,6 +105,21 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One way to start the model on one node, with its estimate (seconds to ready)."""
+
+    node: str
+    via: str  # "cold" | "swap" | "standby"
+    seconds: float
+    detail: str
+    tier: str = "remote"  # where its load reads from ("standby": no load)
+
+    def describe(self) -> dict:
+        return {"node": self.node, "via": self.via, "seconds": round(self.seconds, 4),
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
 class Placement:
     node: str
     estimate: Estimate
@@ -71,6 +127,66 @@ class Placement:
     free_replicas: tuple[str, ...] = ()
     cost_s: float = 0.0  # estimate + migration/reload cost
     reason: str = ""
+    via: str = "cold"  # "cold" | "swap" | "standby"
+    options: tuple[Option, ...] = ()  # every estimate weighed, cheapest first
+
+
+class Learned:
+    """A moving average of a reported phase, seeded with a stated default until observed."""
+
+    def __init__(self, seed: float, alpha: float = 0.3) -> None:
+        self.value, self.seed, self.alpha, self.samples = seed, seed, alpha, 0
+
+    def observe(self, seconds: object) -> None:
+        if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                or not math.isfinite(seconds) or not 0 <= seconds <= MAX_PHASE_S):
+            return  # missing or not believable: the estimate stays as it was
+        self.value = float(seconds) if self.samples == 0 else (
+            self.alpha * seconds + (1 - self.alpha) * self.value)
+        self.samples += 1
+
+    def describe(self, name: str) -> str:
+        how = (f"learned from {self.samples} start(s)" if self.samples
+               else "default, not yet observed")
+        return f"{name} {self.value:.2f} s ({how})"
+
+
+class StartupCosts:
+    """What a start costs beyond reading the weights, learned from the phases the nodes report
+    for the replicas this router starts (`observe`), seeded with the defaults above."""
+
+    def __init__(self, process_start_s: float = DEFAULT_PROCESS_START_S,
+                 engine_init_s: float = DEFAULT_ENGINE_INIT_S, swap_s: float = DEFAULT_SWAP_S,
+                 claim_s: float = DEFAULT_CLAIM_S, stop_s: float = STANDBY_STOP_S) -> None:
+        self.process_start = Learned(process_start_s)
+        self.engine_init = Learned(engine_init_s)
+        self.swap = Learned(swap_s)
+        self.claim = Learned(claim_s)
+        self.stop_s = stop_s
+
+    @classmethod
+    def weights_only(cls) -> StartupCosts:
+        """No overheads: the estimate counts reading the weights alone (placement before
+        engine costs were weighed; what `place` uses when given no costs)."""
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def observe(self, via: str, phases: Mapping[str, object]) -> None:
+        """Learn from one start's `phases` (as the node reports them); `via` is what the node
+        says it did ("cold" | "swap" | "standby")."""
+        if via == "cold":
+            self.process_start.observe(phases.get("process_start"))
+            self.engine_init.observe(phases.get("engine_init"))
+        elif via == "swap":
+            self.swap.observe(phases.get("swap"))
+        elif via == "standby":
+            self.claim.observe(phases.get("total"))
+
+    def describe(self) -> dict:
+        return {name: {"seconds": part.value, "samples": part.samples}
+                for name, part in (("process_start", self.process_start),
+                                   ("engine_init", self.engine_init), ("swap", self.swap),
+                                   ("claim", self.claim))} | {"standby_stop": {
+                                       "seconds": self.stop_s, "samples": 0}}
 
 
 @dataclass
@@ -113,35 +229,82 @@ def startup_estimate(node: NodeView, model: str, size_bytes: int) -> Estimate:
                     f"{read:.2f} s read")
 
 
-def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
-          migration: MigrationModel, sizes: dict[str, int] | None = None) -> Placement | None:
-    """Where to start a replica of `model`; None if no node can take one now.
+def start_options(node: NodeView, model: str, size_bytes: int,
+                  costs: StartupCosts) -> list[Option]:
+    """Each way to start `model` on `node` without freeing a replica: claim a standby that
+    holds it, swap into a standby of its shape, or start cold on a free device (or one that a
+    standby of another shape gives way for). Standby first, so a tie goes to the cheaper kind."""
+    if not node.healthy:
+        return []
+    options = []
+    load = startup_estimate(node, model, size_bytes)
+    holding = next((s for s in node.standbys if s.model == model), None)
+    if holding is not None:
+        options.append(Option(node.name, "standby", costs.claim.value,
+                              f"standby {holding.id} holds {model}: "
+                              f"{costs.claim.describe('claim')}", "standby"))
+    shape = node.shape_of(model)
+    same = [s for s in node.standbys if shape is not None and s.shape == shape
+            and s.model != model]
+    if same:
+        options.append(Option(node.name, "swap", load.seconds + costs.swap.value,
+                              f"swap into standby {same[0].id} of shape {shape[:12]}: "
+                              f"{load.detail} + {costs.swap.describe('swap')}", load.tier))
+    cold = load.seconds + costs.process_start.value + costs.engine_init.value
+    detail = (f"cold: {load.detail} + {costs.process_start.describe('process_start')} + "
+              f"{costs.engine_init.describe('engine_init')}")
+    # Standbys of other shapes give way for a cold start (the node stops them); those of the
+    # model's own shape do not (the router asks for a cold start with `standby: false`).
+    giving_way = [s for s in node.standbys if shape is None or s.shape != shape]
+    if node.free_devices > 0:
+        options.append(Option(node.name, "cold", cold, detail, load.tier))
+    elif giving_way:
+        options.append(Option(node.name, "cold", cold + costs.stop_s,
+                              f"{detail} + standby {giving_way[0].id} gives way "
+                              f"{costs.stop_s:.2f} s (constant)", load.tier))
+    return options
 
-    `sizes` gives other models' checkpoint sizes (for reloading a displaced model elsewhere).
+
+def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
+          migration: MigrationModel, sizes: dict[str, int] | None = None,
+          costs: StartupCosts | None = None) -> Placement | None:
+    """Where and how to start a replica of `model`; None if no node can take one now.
+
+    `sizes` gives other models' checkpoint sizes (for reloading a displaced model elsewhere);
+    `costs` the start overheads (None: weights only, `StartupCosts.weights_only`).
     """
+    costs = costs or StartupCosts.weights_only()
     healthy = [n for n in nodes if n.healthy]
-    free = [n for n in healthy if n.free_devices > 0]
+    options = [o for n in healthy for o in start_options(n, model, size_bytes, costs)]
     best: Placement | None = None
-    for node in free:
-        est = startup_estimate(node, model, size_bytes)
-        if best is None or est.seconds < best.cost_s:
-            best = Placement(node.name, est, cost_s=est.seconds,
-                             reason=f"lowest estimated startup ({est.detail})")
+    for option in sorted(options, key=lambda o: o.seconds)[:1]:
+        best = Placement(option.node, Estimate(option.node, option.seconds, option.tier,
+                                               option.detail),
+                         cost_s=option.seconds, via=option.via,
+                         reason=f"lowest estimated startup: {option.via} ({option.detail})")
+    overhead = costs.process_start.value + costs.engine_init.value
     for node in healthy:
-        if node.free_devices > 0:
-            continue
+        if any(o.node == node.name and o.via == "cold" for o in options):
+            continue  # a device is free there (or a standby gives way): nothing to free
         est = startup_estimate(node, model, size_bytes)
-        if best is not None and est.seconds >= best.cost_s:
+        if best is not None and est.seconds + overhead >= best.cost_s:
             continue  # even for free it would not beat a free node
         option = _freeing_option(node, model, nodes, migration, sizes or {})
         if option is None:
             continue
         victim, extra, why = option
-        cost = est.seconds + extra
+        cost = est.seconds + overhead + extra
+        detail = f"freeing {victim} ({why}) then {est.detail}"
+        if overhead:
+            detail += f" + {overhead:.2f} s process start and engine init"
+        options.append(Option(node.name, "cold", cost, detail, est.tier))
         if best is None or cost < best.cost_s:
-            best = Placement(node.name, est, (victim,), cost,
-                             f"freeing {victim} ({why}) then {est.detail}")
-    return best
+            best = Placement(node.name, est, (victim,), cost, detail, "cold")
+    if best is None:
+        return None
+    ranked = tuple(sorted(options, key=lambda o: o.seconds))
+    return Placement(best.node, best.estimate, best.free_replicas, best.cost_s, best.reason,
+                     best.via, ranked)
 
 
 def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],

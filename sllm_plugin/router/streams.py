@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .cluster import Replica
+from .cluster import Replica, for_client, model_moved
 from .policy import MigrationModel
 from .upstream import OpenResponses, UpstreamErrors, loads, sse_batches, timeout
 
@@ -68,6 +68,10 @@ class UpstreamBroken(Exception):
 
 class ReplayDiverged(Exception):
     """A greedy continuation regenerated other tokens than the client already has."""
+
+
+class ReplicaMoved(UpstreamBroken):
+    """The replica's guard answered `model_moved`: its engine holds another model now."""
 
 
 class UpstreamRejected(Exception):
@@ -182,11 +186,13 @@ class StreamRunner:
 
     def __init__(self, http: aiohttp.ClientSession, pick: Callable[..., Awaitable[Replica]],
                  migration: MigrationModel, gap_tokens: int, rounds: int,
-                 timeout_s: float, on_migrated: Callable[[Stream, dict], None] | None = None
-                 ) -> None:
+                 timeout_s: float, on_migrated: Callable[[Stream, dict], None] | None = None,
+                 on_moved: Callable[[Replica], None] | None = None) -> None:
         self.http, self.pick, self.migration = http, pick, migration
         self.gap_tokens, self.rounds, self.timeout_s = gap_tokens, rounds, timeout_s
         self.on_migrated = on_migrated
+        # Told when a replica's guard says it holds another model (the cluster drops it).
+        self.on_moved = on_moved
         self.active: dict[str, Stream] = {}
         self.open = OpenResponses()  # closed by the cluster when a replica's node is lost
 
@@ -257,11 +263,12 @@ class StreamRunner:
             old.last_used = time.monotonic()
             stream.replica = None
 
-    def _request(self, stream: Stream) -> tuple[str, dict]:
-        """The upstream request: the client's own the first time, then a token continuation."""
+    def _request(self, stream: Stream, replica: Replica) -> tuple[str, dict]:
+        """The upstream request: the client's own the first time, then a token continuation;
+        naming the engine's served name (the client's model travels in `replica.headers`)."""
         if stream.prompt_ids is None:
             path = "/v1/chat/completions" if stream.kind == "chat" else "/v1/completions"
-            body = {**stream.body, "model": stream.model, "stream": True,
+            body = {**stream.body, "model": replica.served, "stream": True,
                     "return_token_ids": True, "max_tokens": stream.max_tokens}
             body.pop("max_completion_tokens", None)
             body.pop("stream_options", None)
@@ -274,7 +281,7 @@ class StreamRunner:
             body["min_tokens"] = max(0, int(stream.body["min_tokens"]) - done)
         if stream.stops:
             body["include_stop_str_in_output"] = True
-        body.update(model=stream.model, prompt=stream.prompt_ids + stream.generated[:done],
+        body.update(model=replica.served, prompt=stream.prompt_ids + stream.generated[:done],
                     max_tokens=stream.max_tokens - done, stream=True, return_token_ids=True)
         return "/v1/completions", body
 
@@ -286,7 +293,7 @@ class StreamRunner:
             await self._flush(stream)
             return "done"
         continuation = stream.prompt_ids is not None
-        path, body = self._request(stream)
+        path, body = self._request(stream, replica)
         sent, had = time.monotonic(), len(stream.generated)
         try:
             async with self.http.post(f"{replica.url}{path}", json=body,
@@ -296,12 +303,15 @@ class StreamRunner:
                 answered = time.monotonic()
                 if resp.status != 200:
                     raw = await resp.read()
+                    try:
+                        payload = json.loads(raw)
+                    except ValueError:
+                        payload = {"error": {"message": raw.decode(errors="replace")}}
+                    if model_moved(resp.status, payload):
+                        self._moved(replica)
+                        raise ReplicaMoved(f"{replica.key} no longer holds {stream.model}")
                     if 400 <= resp.status < 500 and not continuation:
-                        try:
-                            payload = json.loads(raw)
-                        except ValueError:
-                            payload = {"error": {"message": raw.decode(errors="replace")}}
-                        raise UpstreamRejected(resp.status, payload)
+                        raise UpstreamRejected(resp.status, for_client(payload, replica))
                     raise UpstreamBroken(f"HTTP {resp.status}: {raw[:300]!r}")
                 async for batch in sse_batches(resp):
                     outcome = self._take(stream, replica, batch, continuation)
@@ -508,6 +518,12 @@ class StreamRunner:
         return {"id": stream.response_id, "object": obj, "created": stream.created,
                 "model": stream.model, "choices": [], "usage": usage(stream)}
 
+    def _moved(self, replica: Replica) -> None:
+        logger.warning("%s answered model_moved: it no longer holds %s", replica.key,
+                       replica.model)
+        if self.on_moved is not None:
+            self.on_moved(replica)
+
     # -- migration ----------------------------------------------------------------------
 
     async def migrate(self, stream: Stream, dest: Replica) -> dict:
@@ -526,8 +542,10 @@ class StreamRunner:
             t0 = time.monotonic()
             async with self.http.post(f"{dest.url}/v1/completions", headers=dest.headers,
                                       timeout=timeout(self.timeout_s), json={
-                                          "model": stream.model, "prompt": tokens,
+                                          "model": dest.served, "prompt": tokens,
                                           "max_tokens": 1, "temperature": 0}) as r:
+                if r.status == 409 and model_moved(409, await _json_or_none(r)):
+                    self._moved(dest)
                 r.raise_for_status()
                 t_head = time.monotonic() - t0
                 await r.read()
@@ -546,6 +564,13 @@ class StreamRunner:
         stream.switch_to = dest
         return {"stream": stream.id, "state": "switching", "to": dest.key,
                 "warm_rounds": rounds, "at_token": len(stream.generated)}
+
+
+async def _json_or_none(response: aiohttp.ClientResponse) -> object:
+    try:
+        return loads(await response.read())
+    except ValueError:
+        return None
 
 
 def usage(stream: Stream) -> dict:
