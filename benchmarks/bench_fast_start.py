@@ -146,12 +146,15 @@ def run_cold(workdir: Path, preset: str, models: dict[str, Path], repeats: int) 
 
 
 def run_standby(workdir: Path, preset: str, models: dict[str, Path],
-                repeats: int) -> tuple[list[dict], list[dict], list[dict]]:
+                repeats: int) -> tuple[list[dict], list[dict], list[dict], dict]:
     node, router = fleet(workdir, preset, models, standby=True)
     swaps, holding = [], []
     a, b = list(models)
     try:
         wait_for("the configured standby", lambda: standby_holding(node, a))
+        standby = node.status()["standby"]
+        print(f"  a standby engine holds {standby['memory_bytes'] / 2**30:.2f} GiB (PSS)",
+              flush=True)
         for i in range(repeats):
             other = b if i % 2 == 0 else a  # the model the standby does not hold
             seconds = first_token(router.url, other)
@@ -167,7 +170,7 @@ def run_standby(workdir: Path, preset: str, models: dict[str, Path],
     finally:
         router.stop()
         node.stop()
-    return swaps, holding, placements
+    return swaps, holding, placements, standby
 
 
 def run_plain(workdir: Path, preset: str, model: Path, repeats: int) -> dict:
@@ -213,9 +216,11 @@ def main() -> int:
         print(f"  plain vLLM cold {plain['cold_first_token_s']:.2f} s, warm "
               f"{statistics.median(plain['warm_first_token_s']):.3f} s", flush=True)
         cold = run_cold(args.workdir, preset, models, args.repeats)
-        swaps, holding, placements = run_standby(args.workdir, preset, models, args.repeats)
+        swaps, holding, placements, standby = run_standby(args.workdir, preset, models,
+                                                          args.repeats)
         results["presets"][preset] = {"plain": plain, "cold": cold, "swap": swaps,
-                                      "standby_holding": holding, "placements": placements}
+                                      "standby_holding": holding, "placements": placements,
+                                      "standby": standby}
     print("\n| model | plain vLLM cold | plain vLLM warm | cold (node+router) | swap into a "
           "standby | standby holding the model |\n|---|---:|---:|---:|---:|---:|")
     for preset, r in results["presets"].items():

@@ -208,6 +208,23 @@ def test_learned_overheads_replace_the_defaults_and_change_the_choice():
     assert learned.claim.value == 0.2
 
 
+def test_a_swap_whose_load_outlasts_the_tier_read_learns_the_difference_as_overhead():
+    """On CPU a swap's load phase includes vLLM's repacking of every linear weight (a 2 GB
+    swap: 3.9 s where the DRAM tier reads it in 1.2 s): the estimate must learn that."""
+    learned = costs()
+    node = shaped("warm", dram={"m": SHAPE}, standbys=(standby("warm", "other"),))
+    option = next(o for o in place("m", GB, [node], MigrationModel(), costs=learned).options
+                  if o.via == "swap")
+    assert option.load_s == pytest.approx(0.1)  # 1 GB at the view's 10 GB/s
+    learned.observe("swap", {"load": 3.9, "swap": 0.1}, expected_load_s=option.load_s)
+    assert learned.swap.value == pytest.approx(0.1 + 3.9 - 0.1)
+    later = next(o for o in place("m", GB, [node], MigrationModel(), costs=learned).options
+                 if o.via == "swap")
+    assert later.seconds == pytest.approx(0.1 + 3.9)  # what the swap really took
+    learned.observe("swap", {"load": 0.05, "swap": 0.1}, expected_load_s=0.1)  # faster: no credit
+    assert learned.swap.value == pytest.approx(0.3 * 0.1 + 0.7 * 3.9)
+
+
 def test_phases_that_are_not_believable_are_not_learned():
     learned = costs()
     for bad in (-1.0, float("nan"), float("inf"), True, "3", None, 1e9):

@@ -151,7 +151,9 @@ class Autoscaler:
         # What the node did (it may differ from the plan: a standby claimed meanwhile).
         via = replica.started_via or "cold"
         decision["started_via"] = via
-        self.costs.observe(via, replica.phases)
+        planned = next((o for o in placement.options
+                        if o.node == placement.node and o.via == via), None)
+        self.costs.observe(via, replica.phases, planned.load_s if planned else None)
         self.metrics.starts.labels(model, via).inc()
         self.metrics.cold_starts.labels(model, placement.node, replica.tier or "?").inc()
         for phase, seconds in replica.phases.items():

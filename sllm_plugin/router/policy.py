@@ -113,6 +113,7 @@ class Option:
     seconds: float
     detail: str
     tier: str = "remote"  # where its load reads from ("standby": no load)
+    load_s: float = 0.0  # of `seconds`, the weights' read at the tier's bandwidth
 
     def describe(self) -> dict:
         return {"node": self.node, "via": self.via, "seconds": round(self.seconds, 4),
@@ -129,6 +130,11 @@ class Placement:
     reason: str = ""
     via: str = "cold"  # "cold" | "swap" | "standby"
     options: tuple[Option, ...] = ()  # every estimate weighed, cheapest first
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 class Learned:
@@ -170,14 +176,21 @@ class StartupCosts:
         engine costs were weighed; what `place` uses when given no costs)."""
         return cls(0.0, 0.0, 0.0, 0.0, 0.0)
 
-    def observe(self, via: str, phases: Mapping[str, object]) -> None:
+    def observe(self, via: str, phases: Mapping[str, object],
+                expected_load_s: float | None = None) -> None:
         """Learn from one start's `phases` (as the node reports them); `via` is what the node
-        says it did ("cold" | "swap" | "standby")."""
+        says it did ("cold" | "swap" | "standby"). For a swap, `expected_load_s` is what the
+        estimate counted for reading the weights: a load that took longer (on CPU, vLLM's
+        reload repacks every linear weight, about two thirds of a 2 GB swap) is overhead too,
+        so the next estimate of a swap is what swaps really cost."""
         if via == "cold":
             self.process_start.observe(phases.get("process_start"))
             self.engine_init.observe(phases.get("engine_init"))
         elif via == "swap":
-            self.swap.observe(phases.get("swap"))
+            swap, load = phases.get("swap"), phases.get("load")
+            if expected_load_s is not None and _number(swap) and _number(load):
+                swap = swap + max(0.0, load - expected_load_s)
+            self.swap.observe(swap)
         elif via == "standby":
             self.claim.observe(phases.get("total"))
 
@@ -249,7 +262,8 @@ def start_options(node: NodeView, model: str, size_bytes: int,
     if same:
         options.append(Option(node.name, "swap", load.seconds + costs.swap.value,
                               f"swap into standby {same[0].id} of shape {shape[:12]}: "
-                              f"{load.detail} + {costs.swap.describe('swap')}", load.tier))
+                              f"{load.detail} + {costs.swap.describe('swap')}", load.tier,
+                              load.seconds))
     cold = load.seconds + costs.process_start.value + costs.engine_init.value
     detail = (f"cold: {load.detail} + {costs.process_start.describe('process_start')} + "
               f"{costs.engine_init.describe('engine_init')}")
