@@ -576,13 +576,18 @@ class Node:
                 path = self.tiers[tier].acquire(name)
                 try:
                     control.hold("")
-                    report = control.swap(str(path), tier, self.config.swap_timeout_s)
+                    report = control.swap(str(path), tier, self.config.swap_timeout_s,
+                                          asleep=replica.asleep)
+                    replica.asleep = False
                 finally:
                     self.tiers[tier].release(name)
                 replica.model, replica.path, replica.tier = name, str(path), tier
                 replica.loaded_gb = report.bytes / 1e9
                 replica.phases.update(load=report.load_s, swap=report.control_s)
                 self.metrics.swapped("swap")
+            elif replica.asleep:
+                control.wake()
+                replica.asleep = False
             control.hold(name)
         except (SwapFailed, NodeError, TierError, OSError) as e:
             kind = "refused" if isinstance(e, SwapFailed) and e.intact else "failed"
@@ -613,6 +618,9 @@ class Node:
             return False
         try:
             replica.controller().hold("")
+            if replica.sleeps:
+                replica.controller().sleep()
+                replica.asleep = True
         except SwapFailed as e:
             logger.warning("replica %d cannot become a standby (%s); stopped", replica.id, e)
             return False

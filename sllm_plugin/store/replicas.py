@@ -36,7 +36,7 @@ from ..vllm.guard import CONTROL_KEY_ENV, KEY_ENV, MIDDLEWARE, MODEL_ENV
 from ..vllmlog import RootCause
 from .addresses import is_unspecified_host, url_host
 from .replicaargs import redact
-from .standby import SWAP_ENV, SWAP_EXTENSION, ReplicaControl
+from .standby import SWAP_ENV, SWAP_EXTENSION, ReplicaControl, sleeps
 from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
 
 logger = logging.getLogger("sllm_plugin.store")
@@ -193,6 +193,8 @@ class Replica:
     standby_since: float | None = None
     launch_args: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     swappable: bool = False
+    sleeps: bool = False  # a GPU replica with --enable-sleep-mode: its standby sleeps
+    asleep: bool = False
     control: ReplicaControl | None = field(default=None, repr=False)
     note: str = ""  # a decision worth showing (why it cold-started though standbys were kept)
     failing: bool = False  # being stopped because it failed (a swap): ends "failed"
@@ -329,6 +331,7 @@ class Launcher:
         replica.log_path = str(log_path)
         argv = self.argv(replica, untrusted, trusted)
         replica.swappable = SWAP_EXTENSION in argv
+        replica.sleeps = sleeps(argv, any(d.kind == "cuda" for d in replica.devices))
         replica.launch_args = (tuple(untrusted), tuple(trusted))
         shown, hidden = redact(argv)
         hidden += [replica.api_key, replica.control_key]  # should the replica ever echo one

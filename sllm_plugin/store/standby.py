@@ -113,6 +113,12 @@ def engine_key(checkpoint_dir: str | Path, argv: list[str]) -> str | None:
     return hashlib.sha256(json.dumps([base, kept]).encode()).hexdigest()
 
 
+def sleeps(argv: list[str], cuda: bool) -> bool:
+    """Whether a standby of this replica sleeps: a GPU replica with vLLM's sleep mode on."""
+    return cuda and any(a == "--enable-sleep-mode" or a.startswith("--enable-sleep-mode=")
+                        for a in argv)
+
+
 def takes_swaps(checkpoint_dir: str | Path) -> bool:
     """Whether a swap can load this checkpoint: hf layout only (`sllm_plugin.vllm.swap`)."""
     facts = _facts(Path(checkpoint_dir))
@@ -169,12 +175,15 @@ class ReplicaControl:
         """Tell the replica's guard which model it holds ("" for none: it serves nothing)."""
         self._post(HOLD_PATH, "setting the model the replica holds", params={"model": model})
 
-    def swap(self, path: str, tier: str | None, timeout_s: float) -> SwapReport:
+    def swap(self, path: str, tier: str | None, timeout_s: float,
+             asleep: bool = False) -> SwapReport:
         """Give the engine the checkpoint at `path`: pause (in-flight work aborted, prefix,
         encoder and multimodal caches cleared), `sllm_swap` on every worker, check the prefix
         cache is empty, resume. Raises SwapFailed; `intact` only when every worker refused
         before touching its model (the engine is then still paused: resume or stop it)."""
         started = time.perf_counter()
+        if asleep:  # the weights back on the device first: the reload writes into them
+            self.wake("weights")
         self._post("/pause", "pausing the engine", params={"mode": "abort"})
         r = self._post("/collective_rpc", "the swap call", timeout=timeout_s + 10, json={
             "method": "sllm_swap", "args": [path], "kwargs": {"tier": tier or "disk"},
@@ -192,6 +201,8 @@ class ReplicaControl:
             intact = all(a.get("broken") is None for a in answers) and \
                 not any(a.get("ok") is True for a in answers)
             raise SwapFailed(str(failed[0].get("error") or "the swap failed")[:500], intact)
+        if asleep:
+            self.wake("kv_cache")
         reset = self._post("/reset_prefix_cache", "clearing the prefix cache")
         if reset.json() != {"success": True}:
             raise SwapFailed("the prefix cache could not be cleared after the swap",
@@ -204,3 +215,15 @@ class ReplicaControl:
 
     def resume(self) -> None:
         self._post("/resume", "resuming the engine")
+
+    # GPU engines started with --enable-sleep-mode (vLLM's CPU worker ignores sleep): a standby
+    # sleeps at level 1 (weights offloaded to host memory, KV cache freed), so the device's
+    # memory is free while it waits; it wakes before it serves or takes a swap.
+
+    def sleep(self) -> None:
+        self._post("/sleep", "putting the engine to sleep", params={"level": "1",
+                                                                   "mode": "abort"})
+
+    def wake(self, *tags: str) -> None:
+        """Wake the engine (every part, or only `tags`: "weights", "kv_cache")."""
+        self._post("/wake_up", "waking the engine", params=[("tags", t) for t in tags])
