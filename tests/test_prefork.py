@@ -154,7 +154,8 @@ def test_forked_vllm_replica_answers_token_exact_like_a_popen_one(tiny_model, tm
 
     prefork = Prefork.start(env=env, preload=(API_SERVER_MODULE,))
     port = free_port()
-    argv = [sys.executable, "-m", API_SERVER_MODULE, "--model", str(ckpt), "--host",
+    # The light entry module the node should use with prefork (sllm_plugin/vllm/serve.py).
+    argv = [sys.executable, "-m", "sllm_plugin.vllm.serve", "--model", str(ckpt), "--host",
             "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "256",
             "--max-num-seqs", "4", *args]
     try:
