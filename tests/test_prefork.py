@@ -83,6 +83,19 @@ def test_a_command_that_cannot_run_is_an_oserror_and_the_helper_keeps_serving(he
     assert ok.wait(30) == 0
 
 
+def test_when_the_helper_dies_its_children_live_on_and_launches_fail():
+    prefork = Prefork.start(env=_env(), preload=())
+    child = prefork.launch(["sleep", "60"], env=_env())
+    os.kill(prefork.pid, signal.SIGKILL)
+    prefork._helper.wait()
+    with pytest.raises(PreforkError, match="gone|ended"):
+        prefork.launch(["/bin/true"], env=_env())
+    assert child.poll() is None  # still running, now without its parent
+    child.terminate()  # through its pidfd: no pid that could have been reused
+    assert child.wait(30) == -1  # its status went with its parent
+    prefork.close()
+
+
 def test_a_helper_that_cannot_preload_says_why():
     with pytest.raises(PreforkError, match="no_such_module_xyz"):
         Prefork.start(env=_env(), preload=("no_such_module_xyz",))

@@ -78,7 +78,12 @@ def _receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
         raise PreforkError("prefork message truncated")
     if not data:
         return None, list(fds)
-    return json.loads(data), list(fds)
+    try:
+        return json.loads(data), list(fds)
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 # -- the daemon's side ----------------------------------------------------------------------
@@ -91,14 +96,17 @@ class ForkedProcess:
     def __init__(self, args: list[str], pid: int, pidfd: int, stdout: IO[str]) -> None:
         self.args, self.pid, self.stdout = args, pid, stdout
         self.returncode: int | None = None
-        self._pidfd = pidfd
+        self._pidfd: int | None = pidfd
+        self._lock = threading.Lock()  # the pidfd is never used after it is closed
         self._ended = threading.Event()
 
     def _exited(self, returncode: int) -> None:
-        self.returncode = returncode
+        with self._lock:
+            self.returncode = returncode
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         self._ended.set()
-        with contextlib.suppress(OSError):
-            os.close(self._pidfd)
 
     def poll(self) -> int | None:
         return self.returncode
@@ -111,15 +119,11 @@ class ForkedProcess:
 
     def send_signal(self, sig: int) -> None:
         """Signal the child through its pidfd; nothing once it has ended (as Popen)."""
-        if self._ended.is_set():
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            pass  # ended; the helper's exit notice is on its way
-        except OSError:
-            if not self._ended.is_set():  # the pidfd was closed by _exited meanwhile
-                raise
+        with self._lock:
+            if self._pidfd is None:
+                return
+            with contextlib.suppress(ProcessLookupError):  # ended; its exit notice is coming
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -147,6 +151,7 @@ class Prefork:
         self._pending: dict[int, _Pending] = {}
         self._live: dict[int, ForkedProcess] = {}
         self._state = threading.Lock()
+        self._gone = False  # the helper ended (under _state)
         self._reader = threading.Thread(target=self._read, daemon=True, name="sllm-prefork")
 
     @classmethod
@@ -197,6 +202,8 @@ class Prefork:
             with self._lock:
                 request_id = next(self._ids)
                 with self._state:
+                    if self._gone:
+                        raise OSError("it ended")
                     self._pending[request_id] = pending
                 _send(self._sock, {"id": request_id, "argv": list(argv), "env": dict(env),
                                    "cwd": cwd, "cpus": sorted(cpus) if cpus else None},
@@ -256,6 +263,7 @@ class Prefork:
         """The helper ended: launches in flight fail; a live child's exit status is lost (its
         parent is gone), so each is watched through its pidfd and ends with code -1."""
         with self._state:
+            self._gone = True
             pending, self._pending = list(self._pending.values()), {}
             live, self._live = list(self._live.values()), {}
         for item in pending:
@@ -266,9 +274,13 @@ class Prefork:
 
 
 def _watch_orphan(process: ForkedProcess) -> None:
-    with selectors.DefaultSelector() as sel, contextlib.suppress(OSError, ValueError):
-        sel.register(process._pidfd, selectors.EVENT_READ)
-        sel.select()  # a pidfd turns readable when its process ends
+    with process._lock:
+        pidfd = None if process._pidfd is None else os.dup(process._pidfd)
+    if pidfd is not None:
+        with selectors.DefaultSelector() as sel, contextlib.suppress(OSError, ValueError):
+            sel.register(pidfd, selectors.EVENT_READ)
+            sel.select()  # a pidfd turns readable when its process ends
+        os.close(pidfd)
     process._exited(-1)
 
 
@@ -329,9 +341,15 @@ def _serve(sock: socket.socket) -> _Job | None:
                         wake.read(4096)
                     _reap(sock)
                     continue
-                message, fds = _receive(sock)
+                try:
+                    message, fds = _receive(sock)
+                except (ValueError, PreforkError) as e:
+                    _send(sock, {"id": None, "error": f"unreadable request: {e}"})
+                    continue
                 if message is None:
                     return None
+                if not isinstance(message, dict):
+                    message = {}
                 job = _validate(message) if len(fds) == 1 else "one stdout fd expected"
                 if isinstance(job, str):
                     for fd in fds:
