@@ -15,7 +15,7 @@ import torch
 def main() -> int:
     print(json.dumps({
         "pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
-        "cores": sorted(os.sched_getaffinity(0)), "cwd": os.getcwd(), "argv": sys.argv[1:],
+        "cores": sorted(os.sched_getaffinity(0)), "cwd": os.getcwd(), "path0": sys.path[0], "argv": sys.argv[1:],
         "marker": os.environ.get("SLLM_PROBE_MARKER"), "stdin": sys.stdin.read(),
         "sigchld_default": signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,
         "sigint_python": signal.getsignal(signal.SIGINT) is signal.default_int_handler,

@@ -55,7 +55,7 @@ def test_forked_child_is_set_up_like_a_popen_child(helper, tmp_path):
     assert got["pid"] == forked.pid != helper.pid
     assert got["sid"] == got["pgid"] == forked.pid  # its own session, as start_new_session
     assert got["cores"] == [core]
-    for key in ("cwd", "argv", "marker", "stdin", "sigchld_default", "sigint_python",
+    for key in ("cwd", "path0", "argv", "marker", "stdin", "sigchld_default", "sigint_python",
                 "threads", "name", "matmul"):
         assert got[key] == want[key], key
 

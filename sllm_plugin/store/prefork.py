@@ -405,7 +405,10 @@ def _become(job: _Job) -> int:
     os.close(devnull)
     os.close(job.stdout_fd)
     if job.cwd:
+        path0 = os.getcwd()
         os.chdir(job.cwd)
+        if sys.path and sys.path[0] == path0:  # `python -m` puts the cwd first
+            sys.path[0] = os.getcwd()
     os.environ.clear()
     os.environ.update(job.env)
     module = job.in_process_module()
