@@ -134,6 +134,10 @@ def one_start(ckpt: Path, args: argparse.Namespace, module: str, prefork=None) -
     proc.wait(60)
     reader.join(10)
     result = split(lines, ready)
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        name = f"{'prefork' if prefork else 'popen'}-{module.rsplit('.', 1)[-1]}-{port}.log"
+        (args.logs / name).write_text("".join(f"{t:8.2f} {text}\n" for t, text in lines))
     result["first_completion"] = first
     result["cpu_s"] = cpu
     choice = body["choices"][0]
@@ -218,6 +222,7 @@ def main() -> None:
     parser.add_argument("--importtime", action="store_true",
                         help="only measure each process's imports, one process at a time")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--logs", type=Path, help="keep each start's stamped output here")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sllm-cold")
     args = parser.parse_args()
 
