@@ -33,6 +33,15 @@ def test_importing_the_package_and_registering_is_cheap():
     ) == ["False", "False"]
 
 
+def test_the_light_serve_module_imports_nothing_until_run():
+    """`python -m sllm_plugin.vllm.serve`: vLLM's spawned engine core and worker import the
+    main module again (as __mp_main__); importing it must not pull in vLLM or torch."""
+    assert python_words(
+        "import sys, sllm_plugin.vllm.serve; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'torch', 'fastapi'}))"
+    ) == ["[]"]
+
+
 def test_registration_happens_when_vllm_imports_its_loaders():
     pytest.importorskip("vllm", reason="vLLM is not installed")
     assert python_words(
