@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,9 @@ def make_models(workdir: Path, preset: str) -> dict[str, Path]:
     return models
 
 
-def fleet(workdir: Path, preset: str, models: dict[str, Path], standby: bool):
-    root = workdir / f"fast-{preset}-{'standby' if standby else 'cold'}"
+def fleet(workdir: Path, preset: str, models: dict[str, Path], standby: bool,
+          prefork: bool = True):
+    root = workdir / f"fast-{preset}-{'standby' if standby else 'cold'}-{int(prefork)}"
     root.mkdir(parents=True, exist_ok=True)
     names = list(models)
     config = {
@@ -116,6 +118,7 @@ def fleet(workdir: Path, preset: str, models: dict[str, Path], standby: bool):
         "replica_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         "models": {n: {"source": str(p)} for n, p in models.items()},
         "standby_on_expiry": standby,
+        "prefork": prefork,
         "standby": [{"like": names[0], "count": 1}] if standby else [],
     }
     node = NodeDaemon(root, config).start()
@@ -129,8 +132,9 @@ def fleet(workdir: Path, preset: str, models: dict[str, Path], standby: bool):
     return node, router
 
 
-def run_cold(workdir: Path, preset: str, models: dict[str, Path], repeats: int) -> list[dict]:
-    node, router = fleet(workdir, preset, models, standby=False)
+def run_cold(workdir: Path, preset: str, models: dict[str, Path], repeats: int,
+             prefork: bool) -> list[dict]:
+    node, router = fleet(workdir, preset, models, standby=False, prefork=prefork)
     out = []
     try:
         name = next(iter(models))
@@ -138,7 +142,8 @@ def run_cold(workdir: Path, preset: str, models: dict[str, Path], repeats: int) 
             wait_for("scale to zero", lambda: idle(node))
             seconds = first_token(router.url, name)
             out.append({"first_token_s": seconds, **last_start(node, name)})
-            print(f"  cold {name}: {seconds:.2f} s {out[-1]['phases']}", flush=True)
+            print(f"  cold{' (prefork)' if prefork else ''} {name}: {seconds:.2f} s "
+                  f"{out[-1]['phases']}", flush=True)
     finally:
         router.stop()
         node.stop()
@@ -215,22 +220,29 @@ def main() -> int:
         plain = run_plain(args.workdir, preset, next(iter(models.values())), args.repeats)
         print(f"  plain vLLM cold {plain['cold_first_token_s']:.2f} s, warm "
               f"{statistics.median(plain['warm_first_token_s']):.3f} s", flush=True)
-        cold = run_cold(args.workdir, preset, models, args.repeats)
+        cold = run_cold(args.workdir, preset, models, args.repeats, prefork=False)
+        # The first start of a node with prefork waits for the helper's imports: one more
+        # start than the others, reported apart.
+        forked = run_cold(args.workdir, preset, models, args.repeats + 1, prefork=True)
         swaps, holding, placements, standby = run_standby(args.workdir, preset, models,
                                                           args.repeats)
-        results["presets"][preset] = {"plain": plain, "cold": cold, "swap": swaps,
+        results["presets"][preset] = {"plain": plain, "cold": cold, "cold_prefork": forked,
+                                      "swap": swaps,
                                       "standby_holding": holding, "placements": placements,
                                       "standby": standby}
-    print("\n| model | plain vLLM cold | plain vLLM warm | cold (node+router) | swap into a "
-          "standby | standby holding the model |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| model | plain vLLM cold | plain vLLM warm | cold (node+router) | cold, prefork "
+          "(first start) | cold, prefork (later starts) | swap into a standby | standby holding "
+          "the model |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for preset, r in results["presets"].items():
         def med(runs: list[dict]) -> str:
             return f"{statistics.median(x['first_token_s'] for x in runs):.3f}"
         print(f"| {preset} | {r['plain']['cold_first_token_s']:.2f} | "
               f"{statistics.median(r['plain']['warm_first_token_s']):.3f} | {med(r['cold'])} | "
+              f"{r['cold_prefork'][0]['first_token_s']:.3f} | {med(r['cold_prefork'][1:])} | "
               f"{med(r['swap'])} | {med(r['standby_holding'])} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
+    shutil.rmtree(f"/dev/shm/sllm-bench-fast-{os.getpid()}", ignore_errors=True)
     return 0
 
 

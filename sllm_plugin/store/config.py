@@ -110,6 +110,10 @@ class NodeConfig(_Strict):
     replica_command: list[str] = Field(default_factory=lambda: list(DEFAULT_REPLICA_COMMAND))
     replica_args: list[str] = Field(default_factory=list)
     replica_env: dict[str, str] = Field(default_factory=dict)
+    prefork: bool = Field(
+        True, description="start replicas by forking a helper that has imported vLLM once "
+        "(when replica_command is `python -m MODULE` of this Python), instead of a new "
+        "interpreter each time; the first replica waits for the helper's imports")
     ready_timeout_s: float = 900.0
     stop_timeout_s: float = 30.0
     calibration_bytes: ByteSize = ByteSize(256 * 1024**2)

@@ -106,7 +106,8 @@ class Node:
                                  config.stop_timeout_s, on_load=self._on_load,
                                  on_end=self._on_end, bind_host=config.host,
                                  advertise_host=self.advertise,
-                                 port_range=config.replica_port_range)
+                                 port_range=config.replica_port_range,
+                                 prefork=config.prefork)
         self.notes: list[str] = []
 
     # -- start-up -----------------------------------------------------------------------
@@ -144,6 +145,7 @@ class Node:
             t.join()
         for q in self.queues.values():
             q.close()
+        self.launcher.close()
         self._state_lock.release()
 
     # -- models ---------------------------------------------------------------------------

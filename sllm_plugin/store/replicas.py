@@ -27,6 +27,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -267,7 +268,7 @@ class Launcher:
                  log_dir: Path, ready_timeout_s: float, stop_timeout_s: float,
                  on_load=None, on_end=None, bind_host: str = "127.0.0.1",
                  advertise_host: str = "127.0.0.1",
-                 port_range: tuple[int, int] | None = None) -> None:
+                 port_range: tuple[int, int] | None = None, prefork: bool = False) -> None:
         self.command, self.base_args, self.env = command, base_args, env
         # Replicas listen where the daemon listens (its bind address), are reported by its
         # advertised address, and are reached by the daemon itself through the bind address
@@ -283,6 +284,55 @@ class Launcher:
         private_dir(log_dir, "the replica log directory")
         remove_stale_temporaries(log_dir)
         self._pids_lock = threading.Lock()
+        # The pre-imported forking launcher (prefork.py), started at the first launch that can
+        # use it (a `python -m MODULE` command of this interpreter): that launch waits for its
+        # imports (about what its own would have cost), every later one forks from it.
+        self.use_prefork = prefork and _forkable(command)
+        self._prefork = None
+        self._prefork_lock = threading.Lock()
+
+    def _forker(self):
+        """The prefork helper, started on first use; None where it cannot be (logged once)."""
+        from .prefork import Prefork, PreforkError
+
+        with self._prefork_lock:
+            if self.use_prefork and self._prefork is None:
+                try:
+                    self._prefork = Prefork.start(env={**os.environ, **self.env},
+                                                  preload=(self.command[2],))
+                    logger.info("replicas fork from a pre-imported %s (pid %d)",
+                                self.command[2], self._prefork.pid)
+                except PreforkError as e:
+                    self.use_prefork = False
+                    logger.warning("replicas start as new processes: %s", e)
+            return self._prefork
+
+    def close(self) -> None:
+        """Stop the prefork helper (the replicas it forked are not touched)."""
+        with self._prefork_lock:
+            if self._prefork is not None:
+                self._prefork.close()
+                self._prefork = None
+
+    def _spawn(self, replica: Replica, argv: list[str]):
+        """The replica's process: forked by the prefork helper where there is one, else a new
+        process (Popen) confined to the replica's cores. OSError if the command cannot run."""
+        from .prefork import PreforkError
+
+        cores = cpu_cores(replica.devices)
+        env = self.environment(replica, argv)
+        forker = self._forker() if argv[: len(self.command)] == self.command else None
+        if forker is not None:
+            try:
+                return forker.launch(argv, env=env, cpus=cores or None)
+            except PreforkError as e:
+                logger.warning("replica %d: the prefork helper failed (%s); starting a new "
+                               "process", replica.id, e)
+        with children_confined_to(cores):
+            return subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=True,
+                bufsize=1, errors="replace")
 
     def argv(self, replica: Replica, untrusted: list[str], trusted: list[str]) -> list[str]:
         """The replica's command line: `untrusted` (the API caller's flags, already checked)
@@ -340,11 +390,7 @@ class Launcher:
         log.flush()
         replica.mark("spawn")
         try:
-            with children_confined_to(cpu_cores(replica.devices)):
-                replica.process = subprocess.Popen(
-                    argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=self.environment(replica, argv),
-                    start_new_session=True, text=True, bufsize=1, errors="replace")
+            replica.process = self._spawn(replica, argv)
         except ReplicaError:
             log.close()
             raise
@@ -397,9 +443,15 @@ class Launcher:
         write_atomic(self._pids_path(), json.dumps(pids).encode())
 
     def _remember(self, pid: int, argv: list[str]) -> None:
-        # A digest, not the command line: that may hold an operator's secret flag.
+        # A digest, not the command line: that may hold an operator's secret flag. Of the
+        # command line /proc shows (a forked replica shows its prefork helper's), which is
+        # what `reap_orphans` compares.
+        try:
+            digest = hashlib.sha256(Path(f"/proc/{pid}/cmdline").read_bytes()).hexdigest()
+        except OSError:
+            digest = _cmdline_digest(argv)
         with self._pids_lock:
-            self._write_pids({**self._pids(), str(pid): _cmdline_digest(argv)})
+            self._write_pids({**self._pids(), str(pid): digest})
 
     def _forget(self, pid: int) -> None:
         with self._pids_lock:
@@ -524,6 +576,12 @@ class Launcher:
             self.on_end(replica)
         replica.finished.set()
         replica.ready.set()  # wake anyone waiting for readiness: it will not come
+
+
+def _forkable(command: list[str]) -> bool:
+    """A command the prefork helper can run in-process: `THIS_PYTHON -m MODULE`."""
+    return len(command) == 3 and command[1] == "-m" and \
+        os.path.realpath(command[0]) == os.path.realpath(sys.executable)
 
 
 def swappable(*arg_lists: list[str]) -> bool:
