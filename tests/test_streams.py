@@ -29,6 +29,19 @@ from sllm_plugin.router.streams import (
 PROMPT = [1, 2, 3]
 
 
+
+async def events_until_done(stream, run) -> list:
+    """Run the stream runner's coroutine `run` and collect what `stream` yields to its client
+    until its end (or its first exception)."""
+    task = asyncio.create_task(run)
+    items = []
+    while (item := await stream.events.get()) is not None:
+        items.append(item)
+        if isinstance(item, Exception):
+            break
+    await task
+    return items
+
 def chunk(token: int, text: str, finish: str | None = None, prompt: bool = False,
           stop_reason: str | None = None, model: str | None = None) -> bytes:
     choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": finish,
@@ -103,13 +116,7 @@ async def fail_over(body: dict, destination: list[bytes] | None,
         async with upstream.open_session() as session:
             runner = StreamRunner(session, pick, MigrationModel(), 2, 3, 30)
             stream = Stream("completion", "m", {"model": "m", "prompt": "x", **body}, 5)
-            task = asyncio.create_task(runner.run(stream, a))
-            items = []
-            while (item := await stream.events.get()) is not None:
-                items.append(item)
-                if isinstance(item, Exception):
-                    break
-            await task
+            items = await events_until_done(stream, runner.run(stream, a))
             return items, source, dest
     finally:
         await a_runner.cleanup()
@@ -224,14 +231,7 @@ async def run_on(replicas: list[tuple[ScriptedReplica, str | None]], body: dict,
         async with upstream.open_session() as session:
             runner = StreamRunner(session, pick, MigrationModel(), 2, 3, 30, on_moved=on_moved)
             stream = Stream("completion", CLIENT, {"model": CLIENT, "prompt": "x", **body}, 5)
-            task = asyncio.create_task(runner.run(stream, handles[0]))
-            items = []
-            while (item := await stream.events.get()) is not None:
-                items.append(item)
-                if isinstance(item, Exception):
-                    break
-            await task
-            return items
+            return await events_until_done(stream, runner.run(stream, handles[0]))
     finally:
         for runner, _ in started:
             await runner.cleanup()
