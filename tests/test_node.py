@@ -368,7 +368,10 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
     hf_token = "operator-hf-token-of-the-test"  # an operator's secret flag, for the logs
     config = node_config(tmp_path, dram_dir, sources, 10 * checkpoint_bytes,
                          10 * checkpoint_bytes, devices=[f"cpu:{core}"],
-                         replica_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
+                         replica_env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+                         # Forked from a pre-imported vLLM: the confinement to its core, its
+                         # session, its shared memory and the reaping below hold the same.
+                         prefork=True)
     config["models"]["org/m1"]["replica_args"] = ["--hf-token", hf_token]
     node = NodeDaemon(tmp_path, config).start()
     try:
@@ -417,6 +420,7 @@ def test_a_real_replica_starts_from_the_dram_tier_and_answers(
         assert {t: c for t, c in threads.items() if c != {core}} == {}
         log = Path(replica["log"]).read_text()
         assert "tier dram" in log and "page-cache mapped" in log, log[-3000:]
+        assert "replicas fork from a pre-imported" in node.log_tail(400)
         # The operator's secret is in neither the command line the log shows nor vLLM's own
         # log of its arguments, nor in the daemon's files.
         assert "--hf-token ***" in log.splitlines()[0] and hf_token not in log

@@ -111,9 +111,11 @@ class NodeConfig(_Strict):
     replica_args: list[str] = Field(default_factory=list)
     replica_env: dict[str, str] = Field(default_factory=dict)
     prefork: bool = Field(
-        True, description="start replicas by forking a helper that has imported vLLM once "
+        False, description="start replicas by forking a helper that has imported vLLM once "
         "(when replica_command is `python -m MODULE` of this Python), instead of a new "
-        "interpreter each time; the first replica waits for the helper's imports")
+        "interpreter each time; the first replica waits for the helper's imports. Off by "
+        "default: it removes the API server's imports, but through the node on the reference "
+        "VM its cold starts were not faster (see docs/COLD_START.md)")
     ready_timeout_s: float = 900.0
     stop_timeout_s: float = 30.0
     calibration_bytes: ByteSize = ByteSize(256 * 1024**2)
