@@ -207,6 +207,7 @@ class Cluster:
                                if r.ready))
 
     async def _poll_node(self, name: str) -> None:
+        asked = time.monotonic()
         try:
             async with self.http.get(f"{self.nodes[name].url}/status",
                                      timeout=deadline(self.config.node_timeout_s)) as r:
@@ -237,8 +238,8 @@ class Cluster:
         self.status[name] = status
         alive = {r["id"]: r for r in status["replicas"]}
         for rep in list(self.replicas.values()):
-            if rep.node != name or rep.state == "starting":
-                continue
+            if rep.node != name or rep.state == "starting" or rep.started_at > asked:
+                continue  # a status from before this replica started says nothing of it
             info = alive.get(rep.node_replica_id)
             # A standby or a swap target is no replica; nor an engine given another model.
             if info is None or info["state"] not in ("ready",) or info.get("model") != rep.model:
