@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bench_vllm import start_server  # noqa: E402
 from node_daemon import TOKEN, NodeDaemon, RouterProcess  # noqa: E402
+from node_daemon import poll_until as wait_for  # noqa: E402
 
 REPLICA_ARGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4"]
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -63,16 +64,6 @@ def first_token(url: str, model: str, headers: dict | None = None,
             if line.startswith("data:") and line != "data: [DONE]":
                 return time.perf_counter() - started
     raise RuntimeError(f"{model}: no token")
-
-
-def wait_for(what: str, check, timeout: float = 900):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)  # polling interval
-    raise TimeoutError(what)
 
 
 def idle(node: NodeDaemon) -> bool:

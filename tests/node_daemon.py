@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -180,6 +181,19 @@ class GatedCheckpointServer:
         self.gate.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def poll_until(what: str, check, timeout: float = 600, interval: float = 0.5):
+    """Call `check()` until it returns something true, and return that; TimeoutError naming
+    `what` after `timeout`. For a daemon's state read over HTTP: the check decides, the
+    interval only paces the polls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

