@@ -78,6 +78,10 @@ class ContractNode:
         self.deletes: list[tuple[int, dict]] = []  # (id, query)
         self.deleted = threading.Event()
         self.status_polls = 0
+        # While `park_status`, each status answer (what the node held when asked) waits in
+        # `parked` until the test releases it: a slow answer, arriving after what followed.
+        self.park_status = False
+        self.parked: list[asyncio.Future] = []
         self.lock = threading.Lock()
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,7 +159,21 @@ class ContractNode:
     async def status(self, request: web.Request) -> web.Response:
         with self.lock:
             self.status_polls += 1
-            return web.json_response(self._status())
+            snapshot = self._status()
+            parked = None
+            if self.park_status:
+                parked = asyncio.get_running_loop().create_future()
+                self.parked.append(parked)
+        if parked is not None:
+            await parked
+        return web.json_response(snapshot)
+
+    def release_status(self, index: int) -> None:
+        """Let the `index`-th parked status answer go (with what the node held when asked)."""
+        assert self._loop is not None
+        with self.lock:
+            future = self.parked[index]
+        self._loop.call_soon_threadsafe(future.set_result, None)
 
     async def replica_keys(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

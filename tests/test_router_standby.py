@@ -15,6 +15,7 @@ claims; placements say how (`via`), why, and what else was weighed.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -211,6 +212,36 @@ def test_keep_alive_expiry_hands_the_engine_back_as_a_standby_and_the_next_start
         assert last["overheads"]["engine_init"] == {"seconds": 3.0, "samples": 1}
         counted = starts(router)
         assert counted[("org/b", "cold")] == 1.0 and counted[("org/b", "standby")] >= 1.0
+
+
+def test_a_status_asked_before_a_claim_does_not_drop_the_claimed_replica(tmp_path):
+    """A background poll asked while the node still listed the standby, answered after the
+    router claimed it: that answer says nothing of the new replica (it once dropped it for a
+    poll interval, seen in bench_fast_start)."""
+    with ContractNode(TOKEN, SHAPES, devices=1) as node, \
+            router_for(tmp_path, node, {"org/b": {"keep_alive_s": 3600}}, poll_s=0.1) as router:
+        node.add_standby("org/b")
+        polled_twice_more(node)
+        node.park_status = True
+        wait_for(lambda: len(node.parked) == 1, 30, "a background poll waiting")  # saw standby
+        answers: list = []
+        client = threading.Thread(target=lambda: answers.append(router.client.post(
+            "/v1/completions", json={"model": "org/b", "prompt": "hi", "temperature": 0,
+                                     "max_tokens": 3})))
+        client.start()
+        wait_for(lambda: len(node.parked) == 2, 30, "the start's own poll")
+        node.release_status(1)  # the start goes on: it claims the standby
+        client.join(60)
+        assert answers and answers[0].status_code == 200, answers
+        assert node.starts[-1]["standby"] is True and node.engines[1].state == "ready"
+        node.release_status(0)  # the stale answer: engine 1 still a standby
+        # The poll loop asks again only once it has dealt with that answer.
+        wait_for(lambda: len(node.parked) == 3, 30, "the next background poll")
+        assert [(r["id"], r["state"]) for r in router.ok("GET", "/admin/replicas")] == [
+            ("n1/1", "ready")]
+        node.park_status = False
+        node.release_status(2)
+        assert "is gone" not in router.log_tail(200)
 
 
 @pytest.mark.parametrize("shape", [OTHER_SHAPE, None])
