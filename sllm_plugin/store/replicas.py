@@ -400,7 +400,8 @@ class Launcher:
             error.status = 400
             raise error from None
         replica.pid, replica.state = replica.process.pid, "starting"
-        self._remember(replica.pid, argv)
+        self._remember(replica.pid, argv,
+                       forked=not isinstance(replica.process, subprocess.Popen))
         threading.Thread(target=self._read_output, args=(replica, log, hidden), daemon=True,
                          name=f"sllm-replica-{replica.id}-log").start()
         threading.Thread(target=self._watch, args=(replica,), daemon=True,
@@ -442,14 +443,16 @@ class Launcher:
     def _write_pids(self, pids: dict[str, str]) -> None:
         write_atomic(self._pids_path(), json.dumps(pids).encode())
 
-    def _remember(self, pid: int, argv: list[str]) -> None:
+    def _remember(self, pid: int, argv: list[str], forked: bool = False) -> None:
         # A digest, not the command line: that may hold an operator's secret flag. Of the
-        # command line /proc shows (a forked replica shows its prefork helper's), which is
-        # what `reap_orphans` compares.
-        try:
-            digest = hashlib.sha256(Path(f"/proc/{pid}/cmdline").read_bytes()).hexdigest()
-        except OSError:
-            digest = _cmdline_digest(argv)
+        # command line /proc will show, which is what `reap_orphans` compares: the argv of a
+        # new process, the prefork helper's for a forked one (read from the helper: a process
+        # read just after it was spawned can still show an empty command line).
+        digest = _cmdline_digest(argv)
+        if forked and self._prefork is not None:
+            with contextlib.suppress(OSError):
+                raw = Path(f"/proc/{self._prefork.pid}/cmdline").read_bytes()
+                digest = hashlib.sha256(raw).hexdigest() if raw else digest
         with self._pids_lock:
             self._write_pids({**self._pids(), str(pid): digest})
 
