@@ -22,6 +22,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 from ..configfile import ConfigError, read_mapping, validate
 from ..tokens import NODE_TOKEN_ENV, default_node_state_dir, ensure_node_token, token_from
 from .names import check_model_names
+from .replicaargs import has_flag
 
 DEFAULT_PORT = 8073
 DEFAULT_REPLICA_COMMAND = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -43,7 +44,7 @@ def _no_api_key(args: list[str]) -> list[str]:
     """vLLM's own `--api-key` would lock the router out: the node gives every replica a key of
     its own (sllm_plugin.vllm.guard) and hands it to the router; that guard also covers what
     `--api-key` leaves open."""
-    if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+    if has_flag(args, "--api-key"):
         raise ValueError("--api-key is not accepted in replica_args: the node protects each "
                          "replica with a key of its own and gives it to the router (see "
                          "README, 'Across servers')")

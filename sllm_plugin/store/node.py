@@ -527,11 +527,12 @@ class Node:
                      and self.tiers[t].has(name)), None)
         if tier is None:
             return None
-        probe = Replica(model=name, devices=devices, id=0)
-        probe.path, probe.port = str(tier.path_of(name)), 0
-        if not takes_swaps(probe.path):
+        path = str(tier.path_of(name))
+        if not takes_swaps(path):
             return None
-        return engine_key(probe.path, self.launcher.argv(probe, untrusted, trusted))
+        probe = Replica(model=name, devices=devices, id=0, api_key="", control_key="")
+        probe.path, probe.port = path, 0
+        return engine_key(path, self.launcher.argv(probe, untrusted, trusted))
 
     def _standby_for(self, name: str, untrusted: list[str], trusted: list[str],
                      count: int) -> tuple[Replica | None, str]:

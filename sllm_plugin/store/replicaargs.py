@@ -23,6 +23,11 @@ _FLOAT = re.compile(r"\d{1,6}(\.\d{1,9})?")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a method or dtype name
 
 
+def has_flag(args: list[str], flag: str) -> bool:
+    """Whether `flag` is given in `args`, as `--flag` or `--flag=VALUE`."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def _choice(*names: str) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(n) for n in names))
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..vllm.guard import CONTROL_KEY_ENV, KEY_ENV, MIDDLEWARE, MODEL_ENV
 from ..vllmlog import RootCause
 from .addresses import is_unspecified_host, url_host
-from .replicaargs import redact
+from .replicaargs import has_flag, redact
 from .standby import SWAP_ENV, SWAP_EXTENSION, ReplicaControl, sleeps
 from .statedir import private_dir, read_private, remove_stale_temporaries, write_atomic
 
@@ -590,8 +590,7 @@ def _forkable(command: list[str]) -> bool:
 def swappable(*arg_lists: list[str]) -> bool:
     """Whether the daemon adds its swap extension: not where someone gave a worker extension
     of their own (vLLM takes one; theirs wins, and that replica never takes a swap)."""
-    return not any(a == "--worker-extension-cls" or a.startswith("--worker-extension-cls=")
-                   for args in arg_lists for a in args)
+    return not any(has_flag(args, "--worker-extension-cls") for args in arg_lists)
 
 
 def _cmdline_digest(argv: list[str]) -> str:

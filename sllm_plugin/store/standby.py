@@ -26,6 +26,7 @@ from ..format.index import read_index_file
 from ..format.shape import checkpoint_shape, engine_shape
 from ..format.spec import INDEX_FILENAME, LAYOUT_HF
 from ..vllm.guard import HOLD_PATH
+from .replicaargs import has_flag
 
 #: Flags that name or place a replica (the daemon's own, different for every replica): left out
 #: of the engine key. Everything else on the command line is in it.
@@ -115,8 +116,7 @@ def engine_key(checkpoint_dir: str | Path, argv: list[str]) -> str | None:
 
 def sleeps(argv: list[str], cuda: bool) -> bool:
     """Whether a standby of this replica sleeps: a GPU replica with vLLM's sleep mode on."""
-    return cuda and any(a == "--enable-sleep-mode" or a.startswith("--enable-sleep-mode=")
-                        for a in argv)
+    return cuda and has_flag(argv, "--enable-sleep-mode")
 
 
 def takes_swaps(checkpoint_dir: str | Path) -> bool:
