@@ -688,6 +688,9 @@ class Node:
 
     def status(self) -> dict:
         tiers = []
+        # One engine key per model, though it may be in two tiers (each costs a command line).
+        shapes = {e.name: None for tier in self.tiers.values() for e in tier.entries()}
+        shapes = {name: self.model_shape(name) for name in shapes}
         for name, tier in self.tiers.items():
             bw = tier.bandwidth.report()
             q = self.queues[name]
@@ -700,7 +703,7 @@ class Node:
                 "queue": [j.describe() for j in q.active()], "queue_drain_s": q.drain_s(),
                 "models": [{"name": e.name, "bytes": e.bytes, "last_used": e.last_used,
                             "pinned": e.pinned, "in_use": e.in_use,
-                            "shape": self.model_shape(e.name)}
+                            "shape": shapes.get(e.name)}
                            for e in sorted(tier.entries(), key=lambda e: e.name)],
             })
         transfers = {k: v.report().gbps for k, v in self.transfers.items()}
