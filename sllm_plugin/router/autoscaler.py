@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from .cluster import Cluster, NodeUnavailable, Replica
 from .config import RouterConfig
 from .metrics import RouterMetrics
-from .policy import MigrationModel, StartupCosts, place, route
+from .policy import MigrationModel, Placement, StartupCosts, place, route
 from .prefix import PrefixIndex
 from .streams import StreamRunner
 
@@ -123,9 +123,12 @@ class Autoscaler:
         if spec is not None and count >= spec.max_replicas:
             raise RouterError(f"{model!r} is at its limit of {spec.max_replicas} replica(s)",
                               503, "service_unavailable")
-        await self.cluster.poll_once()  # a cold start is worth fresh tiers and queues
-        placement = place(model, self.cluster.model_size(model), self.cluster.views(),
-                          self.migration, self.cluster.sizes(), self.costs)
+        placement = self._place(model)
+        if placement is None or placement.via != "standby":
+            # A load is worth fresh tiers and queues; a claim of a standby holding the model
+            # is not (no load, and the node swaps or starts cold itself if it has gone since).
+            await self.cluster.poll_once()
+            placement = self._place(model)
         if placement is None:
             raise RouterError(f"no node has a free device for {model!r}", 503,
                               "service_unavailable")
@@ -160,6 +163,10 @@ class Autoscaler:
             if isinstance(seconds, (int, float)):
                 self.metrics.cold_start_phase.labels(model, phase).observe(seconds)
         return replica
+
+    def _place(self, model: str) -> Placement | None:
+        return place(model, self.cluster.model_size(model), self.cluster.views(),
+                     self.migration, self.cluster.sizes(), self.costs)
 
     # -- freeing replicas and nodes ---------------------------------------------------------
 
