@@ -14,10 +14,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_FORMAT, EXIT_EXISTS, EXIT_IO, EXIT_MISSING = 1, 3, 4, 5
 # The extra that brings what each command imports beyond the core dependencies.
-_EXTRA_FOR = {"node": "node", "router": "router", "save-vllm": "vllm"}
+_EXTRA_FOR = {"node": "node", "router": "router", "save-vllm": "vllm", "simulate": "sim"}
 
 
 def _size(text: str) -> int:
@@ -214,6 +215,49 @@ def _cmd_node_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loads(text: str) -> list[float]:
+    try:
+        loads = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not loads or any(not 0 < x <= 1e6 for x in loads):
+        raise argparse.ArgumentTypeError(f"loads must be numbers in (0, 1e6]: {text!r}")
+    return loads
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .configfile import ConfigError
+    from .sim.fleet import FleetConfig, seed_testbed
+    from .sim.run import compare
+    from .sim.traces import TraceError
+    from .sim.workload import preset
+
+    fleet_preset = {"testbed": 8, "fleet100": 100}[args.preset]
+    try:
+        overrides = {"servers": args.servers}
+        fleet = (FleetConfig.from_yaml(args.fleet, **overrides) if args.fleet
+                 else seed_testbed(args.servers or fleet_preset))
+        workload = preset("testbed" if args.preset == "testbed" else "population",
+                          **{k: v for k, v in (("models", args.models), ("zipf_s", args.zipf),
+                                                ("time_scale", args.time_scale),
+                                                ("seed", args.seed)) if v is not None})
+        result = compare(args.trace, fleet, workload, policies=args.policies.split(","),
+                         loads=args.loads, trace_format=args.format, limit=args.limit,
+                         seed=args.seed or 0, out=args.out, progress=not args.quiet)
+    except (ConfigError, TraceError, ValidationError, ValueError) as e:
+        print(f"sllm simulate: error: {e}", file=sys.stderr)
+        return 2
+    first = args.loads[0]
+    print(f"{fleet.servers} servers x {fleet.gpus} GPUs, {workload.models} models, "
+          f"load x{first} ({len(result.by_load[first][0].records)} requests):\n")
+    print(result.table)
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     from .router.app import serve
     from .router.config import ConfigError, ModelSpec, check_model_name, load_config
@@ -394,6 +438,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the configuration and flags as a start would, start nothing; "
                         "exit 0 if it would start, 2 saying why not")
     p.set_defaults(func=_cmd_router)
+
+    p = sub.add_parser("simulate", aliases=["sim"], help="simulate a fleet on a request trace "
+                       "and compare placement policies (ours, the seed's, Ray Serve's, "
+                       "KServe's, an oracle)")
+    p.add_argument("--trace", required=True, help="Azure LLM CSV, Mooncake JSONL, or a CSV / "
+                   "JSONL of arrival, input and output tokens")
+    p.add_argument("--format", choices=["azure", "mooncake", "csv", "jsonl"],
+                   help="the trace's format (default: detected)")
+    p.add_argument("--limit", type=_count(1), help="the trace's first N requests")
+    p.add_argument("--preset", choices=["testbed", "fleet100"], default="testbed",
+                   help="testbed: the seed's 8 servers x 8 A5000 and 40 models (default); "
+                   "fleet100: 100 such servers and 1,000 models")
+    p.add_argument("--fleet", type=Path, help="a YAML file of fleet settings (FleetConfig)")
+    p.add_argument("--servers", type=_count(1), help="servers (default: the preset's)")
+    p.add_argument("--models", type=_count(1), help="models (default: the preset's)")
+    p.add_argument("--zipf", type=float, help="popularity exponent (default 1.0)")
+    p.add_argument("--time-scale", type=float, help="arrivals divided by this (default 1)")
+    p.add_argument("--loads", type=_loads, default=[1.0], help="load factors, comma separated "
+                   "(each multiplies the request rate; several draw TTFT against load)")
+    p.add_argument("--policies", default="sllm,serverlessllm,ray-serve,kserve,oracle")
+    p.add_argument("--seed", type=int, help="seed of the workload and random placements")
+    p.add_argument("--out", type=Path, help="a directory for the JSON, markdown and PNGs")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
     return parser
 
 
