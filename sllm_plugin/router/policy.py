@@ -72,6 +72,7 @@ class ReplicaView:
     running: int = 0  # requests in flight (router's count or the replica's metrics)
     waiting: int = 0
     tokens_in_flight: int = 0  # prompt + generated tokens of its running requests
+    devices: int = 1  # devices it holds (freeing it gives them back)
 
     @property
     def load(self) -> int:
@@ -243,10 +244,12 @@ def startup_estimate(node: NodeView, model: str, size_bytes: int) -> Estimate:
 
 
 def start_options(node: NodeView, model: str, size_bytes: int,
-                  costs: StartupCosts) -> list[Option]:
+                  costs: StartupCosts, devices: int = 1) -> list[Option]:
     """Each way to start `model` on `node` without freeing a replica: claim a standby that
-    holds it, swap into a standby of its shape, or start cold on a free device (or one that a
-    standby of another shape gives way for). Standby first, so a tie goes to the cheaper kind."""
+    holds it, swap into a standby of its shape, or start cold on `devices` free devices (or on
+    devices that standbys of another shape give way for). Standby first, so a tie goes to the
+    cheaper kind. A replica needing several devices (a large model, tensor-parallel) qualifies
+    for a cold start only where that many are free or can be freed."""
     if not node.healthy:
         return []
     options = []
@@ -269,10 +272,12 @@ def start_options(node: NodeView, model: str, size_bytes: int,
               f"{costs.engine_init.describe('engine_init')}")
     # Standbys of other shapes give way for a cold start (the node stops them); those of the
     # model's own shape do not (the router asks for a cold start with `standby: false`).
+    # Every engine holds at least one device, whatever the node reports.
     giving_way = [s for s in node.standbys if shape is None or s.shape != shape]
-    if node.free_devices > 0:
+    if node.free_devices >= devices:
         options.append(Option(node.name, "cold", cold, detail, load.tier))
-    elif giving_way:
+    elif giving_way and node.free_devices + sum(max(1, s.devices)
+                                                for s in giving_way) >= devices:
         options.append(Option(node.name, "cold", cold + costs.stop_s,
                               f"{detail} + standby {giving_way[0].id} gives way "
                               f"{costs.stop_s:.2f} s (constant)", load.tier))
@@ -281,15 +286,17 @@ def start_options(node: NodeView, model: str, size_bytes: int,
 
 def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
           migration: MigrationModel, sizes: dict[str, int] | None = None,
-          costs: StartupCosts | None = None) -> Placement | None:
+          costs: StartupCosts | None = None, devices: int = 1) -> Placement | None:
     """Where and how to start a replica of `model`; None if no node can take one now.
 
     `sizes` gives other models' checkpoint sizes (for reloading a displaced model elsewhere);
-    `costs` the start overheads (None: weights only, `StartupCosts.weights_only`).
+    `costs` the start overheads (None: weights only, `StartupCosts.weights_only`); `devices`
+    how many devices a replica of `model` needs (freeing a replica helps only where its devices
+    and the free ones add up to that).
     """
     costs = costs or StartupCosts.weights_only()
     healthy = [n for n in nodes if n.healthy]
-    options = [o for n in healthy for o in start_options(n, model, size_bytes, costs)]
+    options = [o for n in healthy for o in start_options(n, model, size_bytes, costs, devices)]
     best: Placement | None = None
     for option in sorted(options, key=lambda o: o.seconds)[:1]:
         best = Placement(option.node, Estimate(option.node, option.seconds, option.tier,
@@ -303,7 +310,7 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
         est = startup_estimate(node, model, size_bytes)
         if best is not None and est.seconds + overhead >= best.cost_s:
             continue  # even for free it would not beat a free node
-        option = _freeing_option(node, model, nodes, migration, sizes or {})
+        option = _freeing_option(node, model, nodes, migration, sizes or {}, devices)
         if option is None:
             continue
         victim, extra, why = option
@@ -322,13 +329,16 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
 
 
 def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
-                    migration: MigrationModel, sizes: dict[str, int]
+                    migration: MigrationModel, sizes: dict[str, int], devices: int = 1
                     ) -> tuple[str, float, str] | None:
-    """The cheapest replica on `node` to empty: (replica id, extra seconds, explanation)."""
+    """The cheapest replica on `node` to empty (one whose devices, with the free ones, are
+    enough for `devices`): (replica id, extra seconds, explanation)."""
     best: tuple[str, float, str] | None = None
     for victim in node.replicas:
         if victim.model == model or not victim.ready:
             continue
+        if node.free_devices + victim.devices < devices:
+            continue  # freeing it would still leave too few devices
         targets = [r for n in nodes if n.healthy for r in n.replicas
                    if r.model == victim.model and r.ready and r.id != victim.id]
         cost = migration.cost(victim.tokens_in_flight) if victim.running else 0.0
@@ -338,8 +348,8 @@ def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
                 why = "idle"
             else:
                 # Its requests need a new replica of their model somewhere else first.
-                others = [n for n in nodes if n.healthy and n.free_devices > 0
-                          and n.name != node.name]
+                others = [n for n in nodes if n.healthy
+                          and n.free_devices >= max(1, victim.devices) and n.name != node.name]
                 if not others:
                     continue
                 reload = min(startup_estimate(n, victim.model, sizes.get(victim.model, 0))
@@ -349,6 +359,49 @@ def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
         if best is None or cost < best[1]:
             best = (victim.id, cost, why)
     return best
+
+
+# -- the autoscaler's rules -------------------------------------------------------------------
+# The router's autoscaler (I/O: node calls, waiting) and the simulator both decide with these.
+
+
+@dataclass(frozen=True)
+class ReplicaUse:
+    """What a keep-alive pass needs to know of a ready replica."""
+
+    id: str
+    in_flight: int  # requests it is serving now
+    last_used: float  # when a request last started or ended there (the caller's clock)
+
+
+def keep_alive_stops(ready: Sequence[ReplicaUse], now: float, keep_alive_s: float,
+                     min_replicas: int) -> list[str]:
+    """The ready replicas of one model a keep-alive pass stops: those idle (nothing in flight)
+    for longer than `keep_alive_s`, least recently used first, never leaving fewer than
+    `min_replicas` ready."""
+    idle = sorted((r for r in ready if r.in_flight == 0 and now - r.last_used > keep_alive_s),
+                  key=lambda r: r.last_used)
+    return [r.id for r in idle[: max(0, len(ready) - min_replicas)]]
+
+
+def should_scale_up(loads: Sequence[int], target_load: int, starting: bool,
+                    max_replicas: int) -> bool:
+    """Whether to start another replica of a model whose ready replicas carry `loads`: every
+    one at `target_load` or more, no start of it in flight, fewer than `max_replicas` ready."""
+    return (all(load >= target_load for load in loads) and not starting
+            and len(loads) < max_replicas)
+
+
+def at_replica_limit(replicas: int, max_replicas: int | None) -> bool:
+    """Whether a new start is refused: the model already has `replicas` ready or starting, its
+    limit is `max_replicas` (None: a model with no spec, no limit)."""
+    return max_replicas is not None and replicas >= max_replicas
+
+
+def queue_full(waiting: int, max_queue: int) -> bool:
+    """Whether a request that must wait for a replica is refused: `waiting` requests of its
+    model already wait, and at most `max_queue` may."""
+    return waiting >= max_queue
 
 
 # -- warm routing ---------------------------------------------------------------------------
