@@ -358,3 +358,20 @@ def test_freeing_a_replica_counts_only_if_its_devices_are_enough():
                     (small, big))
     chosen = place("m", GB, [busy], MigrationModel(), devices=4)
     assert chosen.node == "busy" and chosen.free_replicas == ("busy/2",)
+
+
+def test_a_multi_device_start_frees_several_replicas_cheapest_first():
+    idle = [ReplicaView(f"busy/{i}", "busy", f"other{i}", True) for i in range(3)]
+    serving = ReplicaView("busy/9", "busy", "hot", True, running=1, tokens_in_flight=100)
+    spare = NodeView("spare", 0, (), 0.5, (ReplicaView("spare/1", "spare", "hot", True),))
+    busy = NodeView("busy", 1, (TierView("dram", 10.0, 0.0, frozenset({"m"})),), 0.5,
+                    (serving, *idle))
+    migration = MigrationModel(per_token_s=0.001, fixed_s=0.1)
+    chosen = place("m", GB, [busy, spare], migration, devices=4)
+    # 1 free + the three idle replicas (free to stop) = 4: the serving one stays.
+    assert chosen.free_replicas == ("busy/0", "busy/1", "busy/2")
+    assert chosen.cost_s == pytest.approx(0.1)
+    chosen = place("m", GB, [busy, spare], migration, devices=5)  # its migration too
+    assert set(chosen.free_replicas) == {"busy/0", "busy/1", "busy/2", "busy/9"}
+    assert chosen.cost_s == pytest.approx(0.1 + 0.1 + 0.001 * 100)
+    assert place("m", GB, [busy, spare], migration, devices=6) is None

@@ -24,6 +24,7 @@ model has no other replica, a new one is loaded elsewhere.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -304,23 +305,26 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
                          cost_s=option.seconds, via=option.via,
                          reason=f"lowest estimated startup: {option.via} ({option.detail})")
     overhead = costs.process_start.value + costs.engine_init.value
+    ready = Counter(r.model for n in healthy for r in n.replicas if r.ready)
+    cold = {o.node for o in options if o.via == "cold"}
     for node in healthy:
-        if any(o.node == node.name and o.via == "cold" for o in options):
+        if node.name in cold:
             continue  # a device is free there (or a standby gives way): nothing to free
         est = startup_estimate(node, model, size_bytes)
         if best is not None and est.seconds + overhead >= best.cost_s:
             continue  # even for free it would not beat a free node
-        option = _freeing_option(node, model, nodes, migration, sizes or {}, devices)
+        option = _freeing_option(node, model, nodes, migration, sizes or {}, devices, ready)
         if option is None:
             continue
-        victim, extra, why = option
+        victims, extra, why = option
         cost = est.seconds + overhead + extra
-        detail = f"freeing {victim} ({why}) then {est.detail}"
+        detail = f"freeing {', '.join(victims)} ({why}) then {est.detail}"
         if overhead:
             detail += f" + {overhead:.2f} s process start and engine init"
         options.append(Option(node.name, "cold", cost, detail, est.tier))
+        cold.add(node.name)
         if best is None or cost < best.cost_s:
-            best = Placement(node.name, est, (victim,), cost, detail, "cold")
+            best = Placement(node.name, est, victims, cost, detail, "cold")
     if best is None:
         return None
     ranked = tuple(sorted(options, key=lambda o: o.seconds))
@@ -329,21 +333,26 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
 
 
 def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
-                    migration: MigrationModel, sizes: dict[str, int], devices: int = 1
-                    ) -> tuple[str, float, str] | None:
-    """The cheapest replica on `node` to empty (one whose devices, with the free ones, are
-    enough for `devices`): (replica id, extra seconds, explanation)."""
-    best: tuple[str, float, str] | None = None
+                    migration: MigrationModel, sizes: dict[str, int], devices: int = 1,
+                    ready: Mapping[str, int] | None = None
+                    ) -> tuple[tuple[str, ...], float, str] | None:
+    """The cheapest replicas on `node` to empty so that their devices and the free ones are
+    enough for `devices`: (replica ids, extra seconds, explanation). One replica for a
+    one-device start (the cheapest); for a larger one, the cheapest first until enough.
+    `ready` counts the ready replicas of each model on healthy nodes (computed if not given)."""
+    if ready is None:
+        ready = Counter(r.model for n in nodes if n.healthy for r in n.replicas if r.ready)
+    candidates: list[tuple[float, str, str, int]] = []
     for victim in node.replicas:
         if victim.model == model or not victim.ready:
             continue
-        if node.free_devices + victim.devices < devices:
+        if devices == 1 and node.free_devices + victim.devices < devices:
             continue  # freeing it would still leave too few devices
-        targets = [r for n in nodes if n.healthy for r in n.replicas
-                   if r.model == victim.model and r.ready and r.id != victim.id]
+        # Other ready replicas of its model (it counts itself: it is ready, its node healthy).
+        targets = ready.get(victim.model, 0) - 1
         cost = migration.cost(victim.tokens_in_flight) if victim.running else 0.0
         why = f"migrate {victim.running} request(s), {victim.tokens_in_flight} tokens"
-        if not targets:
+        if targets <= 0:
             if victim.running == 0:
                 why = "idle"
             else:
@@ -356,9 +365,21 @@ def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
                              .seconds for n in others)
                 cost += reload
                 why += f", reload {victim.model} elsewhere in {reload:.2f} s"
-        if best is None or cost < best[1]:
-            best = (victim.id, cost, why)
-    return best
+        candidates.append((cost, victim.id, why, victim.devices))
+    if devices == 1:
+        best = min(candidates, key=lambda c: c[0], default=None)  # the first of equal costs
+        return None if best is None else ((best[1],), best[0], best[2])
+    chosen, freed, total = [], node.free_devices, 0.0
+    # Cheapest first; of equal costs the one holding more devices (fewer replicas stopped).
+    for cost, victim_id, why, held in sorted(candidates, key=lambda c: (c[0], -c[3])):
+        if freed >= devices:
+            break
+        chosen.append((victim_id, why))
+        freed += held
+        total += cost
+    if freed < devices or not chosen:
+        return None
+    return (tuple(v for v, _ in chosen), total, "; ".join(f"{v}: {w}" for v, w in chosen))
 
 
 # -- the autoscaler's rules -------------------------------------------------------------------
