@@ -41,7 +41,7 @@ import copy
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,7 +227,8 @@ class InvariantError(AssertionError):
 class _Sim:
     def __init__(self, fleet: FleetConfig, models: Sequence[SimModel],
                  requests: Sequence[SimRequest], policy: str, seed: int, progress: bool,
-                 check_invariants: bool, record_decisions: bool) -> None:
+                 check_invariants: bool, record_decisions: bool,
+                 cached: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.fleet, self.policy = fleet, policy
@@ -254,6 +255,7 @@ class _Sim:
                         if (d := self.devices[m])}
         self.servers = [_Server(n, fleet) for n in fleet.server_names()]
         self.by_name = {s.name: s for s in self.servers}
+        self._preload(cached or {})
         self.standby_on = policy == "sllm" and fleet.standby
         self.costs = StartupCosts() if policy == "sllm" else StartupCosts.weights_only()
         self.migration = MigrationModel(fixed_s=fleet.migration_fixed_s)
@@ -275,6 +277,26 @@ class _Sim:
         self.decisions: list[Decision] = []
         self.records: list[RequestRecord] = []
         self.bar: Any = None
+
+    def _preload(self, cached: Mapping[str, Mapping[str, Sequence[str]]]) -> None:
+        """Checkpoints in the servers' tiers before the first request (server -> tier ->
+        models, the first listed the least recently used). Tiers a policy does not have
+        (DRAM for the blind baselines, SSD for kserve) stay empty."""
+        for name, tiers in cached.items():
+            server = self.by_name.get(name)
+            if server is None:
+                raise ValueError(f"cached: no server {name!r} in the fleet")
+            for tier_name, names in tiers.items():
+                if tier_name not in ("dram", "ssd"):
+                    raise ValueError(f"cached: {name}: tier {tier_name!r} is not dram or ssd")
+                tier = server.dram if tier_name == "dram" else server.ssd
+                if (tier_name == "dram" and self.policy in ("ray-serve", "kserve")) or (
+                        tier_name == "ssd" and self.policy == "kserve"):
+                    continue
+                for model in names:
+                    if model not in self.sizes:
+                        raise ValueError(f"cached: {name}/{tier_name}: no model {model!r}")
+                    tier.insert(model, self.sizes[model])
 
     # -- small helpers --------------------------------------------------------------------
 
@@ -855,12 +877,14 @@ class _Sim:
 
 def simulate(fleet: FleetConfig, models: Sequence[SimModel], requests: Sequence[SimRequest],
              policy: str, *, seed: int = 0, progress: bool = False,
-             check_invariants: bool = False, record_decisions: bool = False) -> PolicyResult:
+             check_invariants: bool = False, record_decisions: bool = False,
+             cached: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> PolicyResult:
     """Run `requests` (on `models`) through `fleet` under `policy` (a key of POLICIES).
 
     Deterministic for a `seed` (the only randomness, ray-serve's server choice, draws from
     `random.Random(seed)`). `check_invariants` checks device and tier accounting after every
     change (for tests: slower); `record_decisions` keeps every placement decision with the
-    views it was made on in `PolicyResult.decisions`."""
+    views it was made on in `PolicyResult.decisions`; `cached` fills tiers before the first
+    request ({server: {"dram"|"ssd": [model, ...]}}, least recently used first)."""
     return _Sim(fleet, models, requests, policy, seed, progress, check_invariants,
-                record_decisions).run()
+                record_decisions, cached).run()
