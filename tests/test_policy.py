@@ -8,13 +8,19 @@ from sllm_plugin.router.policy import (
     STANDBY_STOP_S,
     MigrationModel,
     NodeView,
+    ReplicaUse,
     ReplicaView,
     RouteWeights,
     StandbyView,
     StartupCosts,
     TierView,
+    at_replica_limit,
+    keep_alive_stops,
     place,
+    queue_full,
     route,
+    should_scale_up,
+    start_options,
     startup_estimate,
 )
 from sllm_plugin.router.prefix import PrefixIndex, prompt_blocks
@@ -292,3 +298,80 @@ def test_prefix_index_is_bounded():
     assert index.hit_fraction("r", blocks) == 0.0  # the oldest (leading) blocks were dropped
     index.record("r", blocks[:1])
     assert index.hit_fraction("r", blocks) == 0.2
+
+
+# -- the autoscaler's rules, as pure functions (issue 13: the simulator shares them) ----------
+
+def test_keep_alive_stops_idle_replicas_least_recently_used_first_down_to_the_minimum():
+    ready = [ReplicaUse("a", 0, last_used=50.0), ReplicaUse("b", 0, last_used=10.0),
+             ReplicaUse("busy", 2, last_used=0.0), ReplicaUse("fresh", 0, last_used=95.0),
+             ReplicaUse("c", 0, last_used=30.0)]
+    # At t=100 with keep-alive 20 s: a, b and c are idle long enough (busy is not idle).
+    assert keep_alive_stops(ready, 100.0, 20.0, min_replicas=0) == ["b", "c", "a"]
+    # Five ready, at least three must stay: the two least recently used go.
+    assert keep_alive_stops(ready, 100.0, 20.0, min_replicas=3) == ["b", "c"]
+    assert keep_alive_stops(ready, 100.0, 20.0, min_replicas=5) == []
+    # Idle exactly keep_alive_s is not longer than it.
+    assert keep_alive_stops([ReplicaUse("x", 0, 80.0)], 100.0, 20.0, 0) == []
+    assert keep_alive_stops([ReplicaUse("x", 0, 80.0)], 100.001, 20.0, 0) == ["x"]
+
+
+def test_scale_up_when_every_ready_replica_is_at_the_target_and_nothing_is_starting():
+    assert should_scale_up([4, 5], target_load=4, starting=False, max_replicas=3)
+    assert not should_scale_up([4, 3], target_load=4, starting=False, max_replicas=3)
+    assert not should_scale_up([4, 5], target_load=4, starting=True, max_replicas=3)
+    assert not should_scale_up([4, 5, 9], target_load=4, starting=False, max_replicas=3)
+
+
+def test_a_start_is_refused_at_the_replica_limit_and_a_full_queue_refuses_waiting():
+    assert at_replica_limit(2, 2) and at_replica_limit(3, 2) and not at_replica_limit(1, 2)
+    assert not at_replica_limit(100, None)  # a model with no spec has no limit
+    assert queue_full(64, 64) and not queue_full(63, 64) and queue_full(0, 0)
+
+
+def test_a_replica_needing_several_devices_starts_only_where_that_many_are_free():
+    two_free = node("two", free=2, dram={"m"})
+    eight_free = node("eight", free=8, ssd={"m"})
+    chosen = place("m", 40 * GB, [two_free, eight_free], MigrationModel(), devices=4)
+    assert chosen.node == "eight"  # the DRAM node is faster but has 2 devices of the 4
+    assert place("m", 40 * GB, [two_free], MigrationModel(), devices=4) is None
+    assert place("m", 40 * GB, [two_free], MigrationModel(), devices=2).node == "two"
+
+
+def test_standbys_give_way_for_a_multi_device_start_only_if_their_devices_suffice():
+    one = StandbyView("a/1", OTHER_SHAPE, "x", devices=1)
+    two = StandbyView("a/2", OTHER_SHAPE, "y", devices=2)
+    n = shaped("a", free=1, dram={"m": SHAPE}, standbys=(one,))
+    assert start_options(n, "m", GB, costs(), devices=4) == []  # 1 free + 1 held: not 4
+    n = shaped("a", free=1, dram={"m": SHAPE}, standbys=(one, two))
+    (option,) = start_options(n, "m", GB, costs(), devices=4)
+    assert option.via == "cold" and "gives way" in option.detail
+
+
+def test_freeing_a_replica_counts_only_if_its_devices_are_enough():
+    small = ReplicaView("busy/1", "busy", "other", True, devices=1)
+    big = ReplicaView("busy/2", "busy", "other2", True, devices=4)
+    busy = NodeView("busy", 0, (TierView("dram", 10.0, 0.0, frozenset({"m"})),), 0.5,
+                    (small,))
+    assert place("m", GB, [busy], MigrationModel(), devices=4) is None
+    busy = NodeView("busy", 0, (TierView("dram", 10.0, 0.0, frozenset({"m"})),), 0.5,
+                    (small, big))
+    chosen = place("m", GB, [busy], MigrationModel(), devices=4)
+    assert chosen.node == "busy" and chosen.free_replicas == ("busy/2",)
+
+
+def test_a_multi_device_start_frees_several_replicas_cheapest_first():
+    idle = [ReplicaView(f"busy/{i}", "busy", f"other{i}", True) for i in range(3)]
+    serving = ReplicaView("busy/9", "busy", "hot", True, running=1, tokens_in_flight=100)
+    spare = NodeView("spare", 0, (), 0.5, (ReplicaView("spare/1", "spare", "hot", True),))
+    busy = NodeView("busy", 1, (TierView("dram", 10.0, 0.0, frozenset({"m"})),), 0.5,
+                    (serving, *idle))
+    migration = MigrationModel(per_token_s=0.001, fixed_s=0.1)
+    chosen = place("m", GB, [busy, spare], migration, devices=4)
+    # 1 free + the three idle replicas (free to stop) = 4: the serving one stays.
+    assert chosen.free_replicas == ("busy/0", "busy/1", "busy/2")
+    assert chosen.cost_s == pytest.approx(0.1)
+    chosen = place("m", GB, [busy, spare], migration, devices=5)  # its migration too
+    assert set(chosen.free_replicas) == {"busy/0", "busy/1", "busy/2", "busy/9"}
+    assert chosen.cost_s == pytest.approx(0.1 + 0.1 + 0.001 * 100)
+    assert place("m", GB, [busy, spare], migration, devices=6) is None

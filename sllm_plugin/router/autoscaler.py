@@ -15,7 +15,18 @@ from collections.abc import Iterable
 from .cluster import Cluster, NodeUnavailable, Replica
 from .config import RouterConfig
 from .metrics import RouterMetrics
-from .policy import MigrationModel, Placement, StartupCosts, place, route
+from .policy import (
+    MigrationModel,
+    Placement,
+    ReplicaUse,
+    StartupCosts,
+    at_replica_limit,
+    keep_alive_stops,
+    place,
+    queue_full,
+    route,
+    should_scale_up,
+)
 from .prefix import PrefixIndex
 from .streams import StreamRunner
 
@@ -70,7 +81,7 @@ class Autoscaler:
         spec = self.config.models.get(model)
         limit = self.config.limits.max_queue if spec is None or spec.max_queue is None \
             else spec.max_queue
-        if self.waiting.get(model, 0) >= limit:
+        if queue_full(self.waiting.get(model, 0), limit):
             raise RouterError(f"too many requests waiting for a replica of {model!r} "
                               f"(queue of {limit} is full)", 429, "rate_limit_exceeded")
         self.waiting[model] = self.waiting.get(model, 0) + 1
@@ -109,9 +120,9 @@ class Autoscaler:
         spec = self.config.models.get(model)
         if spec is None:
             return
-        busy = all(r.view().load >= spec.target_load for r in ready)
         starting = model in self.starts and not self.starts[model].done()
-        if busy and not starting and len(ready) < spec.max_replicas:
+        if should_scale_up([r.view().load for r in ready], spec.target_load, starting,
+                           spec.max_replicas):
             logger.info("scaling %s up: %d replica(s) at load >= %d", model, len(ready),
                         spec.target_load)
             self.start(model)
@@ -120,7 +131,8 @@ class Autoscaler:
         spec = self.config.models.get(model)
         count = len([r for r in self.cluster.replicas.values() if r.model == model
                      and r.state in ("ready", "starting")])
-        if spec is not None and count >= spec.max_replicas:
+        if at_replica_limit(count, None if spec is None else spec.max_replicas):
+            assert spec is not None
             raise RouterError(f"{model!r} is at its limit of {spec.max_replicas} replica(s)",
                               503, "service_unavailable")
         placement = self._place(model)
@@ -220,9 +232,11 @@ class Autoscaler:
         for model, spec in self.config.models.items():
             mine = [r for r in self.cluster.replicas.values() if r.model == model]
             ready = [r for r in mine if r.ready]
-            idle = sorted((r for r in ready if r.in_flight == 0
-                           and now - r.last_used > spec.keep_alive_s), key=lambda r: r.last_used)
-            for replica in idle[: max(0, len(ready) - spec.min_replicas)]:
+            stops = keep_alive_stops([ReplicaUse(r.key, r.in_flight, r.last_used)
+                                      for r in ready], now, spec.keep_alive_s,
+                                     spec.min_replicas)
+            by_key = {r.key: r for r in ready}
+            for replica in (by_key[key] for key in stops):
                 logger.info("stopping %s: idle for %.0f s (keep-alive %.0f s)", replica.key,
                             now - replica.last_used, spec.keep_alive_s)
                 # The node may keep its engine as a standby (its standby policy decides).

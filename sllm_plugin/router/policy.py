@@ -24,6 +24,7 @@ model has no other replica, a new one is loaded elsewhere.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class ReplicaView:
     running: int = 0  # requests in flight (router's count or the replica's metrics)
     waiting: int = 0
     tokens_in_flight: int = 0  # prompt + generated tokens of its running requests
+    devices: int = 1  # devices it holds (freeing it gives them back)
 
     @property
     def load(self) -> int:
@@ -243,10 +245,12 @@ def startup_estimate(node: NodeView, model: str, size_bytes: int) -> Estimate:
 
 
 def start_options(node: NodeView, model: str, size_bytes: int,
-                  costs: StartupCosts) -> list[Option]:
+                  costs: StartupCosts, devices: int = 1) -> list[Option]:
     """Each way to start `model` on `node` without freeing a replica: claim a standby that
-    holds it, swap into a standby of its shape, or start cold on a free device (or one that a
-    standby of another shape gives way for). Standby first, so a tie goes to the cheaper kind."""
+    holds it, swap into a standby of its shape, or start cold on `devices` free devices (or on
+    devices that standbys of another shape give way for). Standby first, so a tie goes to the
+    cheaper kind. A replica needing several devices (a large model, tensor-parallel) qualifies
+    for a cold start only where that many are free or can be freed."""
     if not node.healthy:
         return []
     options = []
@@ -269,10 +273,12 @@ def start_options(node: NodeView, model: str, size_bytes: int,
               f"{costs.engine_init.describe('engine_init')}")
     # Standbys of other shapes give way for a cold start (the node stops them); those of the
     # model's own shape do not (the router asks for a cold start with `standby: false`).
+    # Every engine holds at least one device, whatever the node reports.
     giving_way = [s for s in node.standbys if shape is None or s.shape != shape]
-    if node.free_devices > 0:
+    if node.free_devices >= devices:
         options.append(Option(node.name, "cold", cold, detail, load.tier))
-    elif giving_way:
+    elif giving_way and node.free_devices + sum(max(1, s.devices)
+                                                for s in giving_way) >= devices:
         options.append(Option(node.name, "cold", cold + costs.stop_s,
                               f"{detail} + standby {giving_way[0].id} gives way "
                               f"{costs.stop_s:.2f} s (constant)", load.tier))
@@ -281,15 +287,17 @@ def start_options(node: NodeView, model: str, size_bytes: int,
 
 def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
           migration: MigrationModel, sizes: dict[str, int] | None = None,
-          costs: StartupCosts | None = None) -> Placement | None:
+          costs: StartupCosts | None = None, devices: int = 1) -> Placement | None:
     """Where and how to start a replica of `model`; None if no node can take one now.
 
     `sizes` gives other models' checkpoint sizes (for reloading a displaced model elsewhere);
-    `costs` the start overheads (None: weights only, `StartupCosts.weights_only`).
+    `costs` the start overheads (None: weights only, `StartupCosts.weights_only`); `devices`
+    how many devices a replica of `model` needs (freeing a replica helps only where its devices
+    and the free ones add up to that).
     """
     costs = costs or StartupCosts.weights_only()
     healthy = [n for n in nodes if n.healthy]
-    options = [o for n in healthy for o in start_options(n, model, size_bytes, costs)]
+    options = [o for n in healthy for o in start_options(n, model, size_bytes, costs, devices)]
     best: Placement | None = None
     for option in sorted(options, key=lambda o: o.seconds)[:1]:
         best = Placement(option.node, Estimate(option.node, option.seconds, option.tier,
@@ -297,23 +305,26 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
                          cost_s=option.seconds, via=option.via,
                          reason=f"lowest estimated startup: {option.via} ({option.detail})")
     overhead = costs.process_start.value + costs.engine_init.value
+    ready = Counter(r.model for n in healthy for r in n.replicas if r.ready)
+    cold = {o.node for o in options if o.via == "cold"}
     for node in healthy:
-        if any(o.node == node.name and o.via == "cold" for o in options):
+        if node.name in cold:
             continue  # a device is free there (or a standby gives way): nothing to free
         est = startup_estimate(node, model, size_bytes)
         if best is not None and est.seconds + overhead >= best.cost_s:
             continue  # even for free it would not beat a free node
-        option = _freeing_option(node, model, nodes, migration, sizes or {})
+        option = _freeing_option(node, model, nodes, migration, sizes or {}, devices, ready)
         if option is None:
             continue
-        victim, extra, why = option
+        victims, extra, why = option
         cost = est.seconds + overhead + extra
-        detail = f"freeing {victim} ({why}) then {est.detail}"
+        detail = f"freeing {', '.join(victims)} ({why}) then {est.detail}"
         if overhead:
             detail += f" + {overhead:.2f} s process start and engine init"
         options.append(Option(node.name, "cold", cost, detail, est.tier))
+        cold.add(node.name)
         if best is None or cost < best.cost_s:
-            best = Placement(node.name, est, (victim,), cost, detail, "cold")
+            best = Placement(node.name, est, victims, cost, detail, "cold")
     if best is None:
         return None
     ranked = tuple(sorted(options, key=lambda o: o.seconds))
@@ -322,33 +333,96 @@ def place(model: str, size_bytes: int, nodes: Sequence[NodeView],
 
 
 def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
-                    migration: MigrationModel, sizes: dict[str, int]
-                    ) -> tuple[str, float, str] | None:
-    """The cheapest replica on `node` to empty: (replica id, extra seconds, explanation)."""
-    best: tuple[str, float, str] | None = None
+                    migration: MigrationModel, sizes: dict[str, int], devices: int = 1,
+                    ready: Mapping[str, int] | None = None
+                    ) -> tuple[tuple[str, ...], float, str] | None:
+    """The cheapest replicas on `node` to empty so that their devices and the free ones are
+    enough for `devices`: (replica ids, extra seconds, explanation). One replica for a
+    one-device start (the cheapest); for a larger one, the cheapest first until enough.
+    `ready` counts the ready replicas of each model on healthy nodes (computed if not given)."""
+    if ready is None:
+        ready = Counter(r.model for n in nodes if n.healthy for r in n.replicas if r.ready)
+    candidates: list[tuple[float, str, str, int]] = []
     for victim in node.replicas:
         if victim.model == model or not victim.ready:
             continue
-        targets = [r for n in nodes if n.healthy for r in n.replicas
-                   if r.model == victim.model and r.ready and r.id != victim.id]
+        if devices == 1 and node.free_devices + victim.devices < devices:
+            continue  # freeing it would still leave too few devices
+        # Other ready replicas of its model (it counts itself: it is ready, its node healthy).
+        targets = ready.get(victim.model, 0) - 1
         cost = migration.cost(victim.tokens_in_flight) if victim.running else 0.0
         why = f"migrate {victim.running} request(s), {victim.tokens_in_flight} tokens"
-        if not targets:
+        if targets <= 0:
             if victim.running == 0:
                 why = "idle"
             else:
                 # Its requests need a new replica of their model somewhere else first.
-                others = [n for n in nodes if n.healthy and n.free_devices > 0
-                          and n.name != node.name]
+                others = [n for n in nodes if n.healthy
+                          and n.free_devices >= max(1, victim.devices) and n.name != node.name]
                 if not others:
                     continue
                 reload = min(startup_estimate(n, victim.model, sizes.get(victim.model, 0))
                              .seconds for n in others)
                 cost += reload
                 why += f", reload {victim.model} elsewhere in {reload:.2f} s"
-        if best is None or cost < best[1]:
-            best = (victim.id, cost, why)
-    return best
+        candidates.append((cost, victim.id, why, victim.devices))
+    if devices == 1:
+        best = min(candidates, key=lambda c: c[0], default=None)  # the first of equal costs
+        return None if best is None else ((best[1],), best[0], best[2])
+    chosen, freed, total = [], node.free_devices, 0.0
+    # Cheapest first; of equal costs the one holding more devices (fewer replicas stopped).
+    for cost, victim_id, why, held in sorted(candidates, key=lambda c: (c[0], -c[3])):
+        if freed >= devices:
+            break
+        chosen.append((victim_id, why))
+        freed += held
+        total += cost
+    if freed < devices or not chosen:
+        return None
+    return (tuple(v for v, _ in chosen), total, "; ".join(f"{v}: {w}" for v, w in chosen))
+
+
+# -- the autoscaler's rules -------------------------------------------------------------------
+# The router's autoscaler (I/O: node calls, waiting) and the simulator both decide with these.
+
+
+@dataclass(frozen=True)
+class ReplicaUse:
+    """What a keep-alive pass needs to know of a ready replica."""
+
+    id: str
+    in_flight: int  # requests it is serving now
+    last_used: float  # when a request last started or ended there (the caller's clock)
+
+
+def keep_alive_stops(ready: Sequence[ReplicaUse], now: float, keep_alive_s: float,
+                     min_replicas: int) -> list[str]:
+    """The ready replicas of one model a keep-alive pass stops: those idle (nothing in flight)
+    for longer than `keep_alive_s`, least recently used first, never leaving fewer than
+    `min_replicas` ready."""
+    idle = sorted((r for r in ready if r.in_flight == 0 and now - r.last_used > keep_alive_s),
+                  key=lambda r: r.last_used)
+    return [r.id for r in idle[: max(0, len(ready) - min_replicas)]]
+
+
+def should_scale_up(loads: Sequence[int], target_load: int, starting: bool,
+                    max_replicas: int) -> bool:
+    """Whether to start another replica of a model whose ready replicas carry `loads`: every
+    one at `target_load` or more, no start of it in flight, fewer than `max_replicas` ready."""
+    return (all(load >= target_load for load in loads) and not starting
+            and len(loads) < max_replicas)
+
+
+def at_replica_limit(replicas: int, max_replicas: int | None) -> bool:
+    """Whether a new start is refused: the model already has `replicas` ready or starting, its
+    limit is `max_replicas` (None: a model with no spec, no limit)."""
+    return max_replicas is not None and replicas >= max_replicas
+
+
+def queue_full(waiting: int, max_queue: int) -> bool:
+    """Whether a request that must wait for a replica is refused: `waiting` requests of its
+    model already wait, and at most `max_queue` may."""
+    return waiting >= max_queue
 
 
 # -- warm routing ---------------------------------------------------------------------------

@@ -61,3 +61,6 @@ class PolicyResult:
     duration_s: float = 0.0  # simulated time from the first arrival to the last finish
     wall_s: float = 0.0  # how long the simulation itself took
     notes: list[str] = field(default_factory=list)  # what the policy assumed, stated
+    # Placement decisions with the views they were made on (only when the engine is asked to
+    # record them, for the policy-equivalence test): sllm_plugin.sim.engine.Decision.
+    decisions: list = field(default_factory=list)
