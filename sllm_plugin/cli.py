@@ -225,24 +225,33 @@ def _loads(text: str) -> list[float]:
     return loads
 
 
+# `sllm simulate --preset`: servers, and the mean request rate a trace is scaled to (our
+# choice: a load the fleet can serve with room to scale models to zero; see README).
+SIM_PRESETS = {"testbed": (8, 0.5), "fleet100": (100, 5.0)}
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .configfile import ConfigError
     from .sim.fleet import FleetConfig, seed_testbed
-    from .sim.run import compare
+    from .sim.run import compare, trace_rate
     from .sim.traces import TraceError
     from .sim.workload import preset
 
-    fleet_preset = {"testbed": 8, "fleet100": 100}[args.preset]
+    servers, rps = SIM_PRESETS[args.preset]
     try:
-        overrides = {"servers": args.servers}
-        fleet = (FleetConfig.from_yaml(args.fleet, **overrides) if args.fleet
-                 else seed_testbed(args.servers or fleet_preset))
+        fleet = (FleetConfig.from_yaml(args.fleet, servers=args.servers) if args.fleet
+                 else seed_testbed(args.servers or servers))
+        native = trace_rate(args.trace, args.format, args.limit)
+        rps = args.rps or rps
         workload = preset("testbed" if args.preset == "testbed" else "population",
+                          time_scale=rps / native,
                           **{k: v for k, v in (("models", args.models), ("zipf_s", args.zipf),
-                                                ("time_scale", args.time_scale),
                                                 ("seed", args.seed)) if v is not None})
+        print(f"trace: {native:.3f} requests/s, scaled to {rps:g}"
+              f"{' x ' + ','.join(f'{x:g}' for x in args.loads) if args.loads != [1.0] else ''}",
+              file=sys.stderr)
         result = compare(args.trace, fleet, workload, policies=args.policies.split(","),
                          loads=args.loads, trace_format=args.format, limit=args.limit,
                          seed=args.seed or 0, out=args.out, progress=not args.quiet)
@@ -454,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", type=_count(1), help="servers (default: the preset's)")
     p.add_argument("--models", type=_count(1), help="models (default: the preset's)")
     p.add_argument("--zipf", type=float, help="popularity exponent (default 1.0)")
-    p.add_argument("--time-scale", type=float, help="arrivals divided by this (default 1)")
+    p.add_argument("--rps", type=float, help="mean requests per second the trace is scaled to "
+                   "(default: testbed 0.5, fleet100 5)")
     p.add_argument("--loads", type=_loads, default=[1.0], help="load factors, comma separated "
-                   "(each multiplies the request rate; several draw TTFT against load)")
+                   "(each multiplies --rps; several draw TTFT against load)")
     p.add_argument("--policies", default="sllm,serverlessllm,ray-serve,kserve,oracle")
     p.add_argument("--seed", type=int, help="seed of the workload and random placements")
     p.add_argument("--out", type=Path, help="a directory for the JSON, markdown and PNGs")

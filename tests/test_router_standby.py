@@ -191,6 +191,11 @@ def test_keep_alive_expiry_hands_the_engine_back_as_a_standby_and_the_next_start
         r = router.client.post("/v1/completions", json={
             "model": "org/b", "prompt": "hi", "temperature": 0, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "org/b", r.text
+        # It waited for the start (a status poll and the node's answer at least).
+        assert float(r.headers["x-sllm-start-wait"]) > 0, r.headers
+        r = router.client.post("/v1/completions", json={
+            "model": "org/b", "prompt": "hi", "temperature": 0, "max_tokens": 3})
+        assert r.headers["x-sllm-start-wait"] == "0.000", r.headers  # the replica was ready
         assert node.deleted.wait(60), "the idle replica was not stopped"
         assert node.deletes[0] == (1, {"standby": "true"})
         assert node.engines[1].state == "standby"

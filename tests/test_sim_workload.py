@@ -84,7 +84,12 @@ def test_presets():
     testbed = make_models(PRESETS["testbed"])
     assert len(testbed) == TESTBED_MODELS == 40
     per_ckpt = Counter(m.name.split("-", 1)[1] for m in testbed)
-    assert per_ckpt == {c.name: 4 for c in SEED_MODELS}  # "cycle": each checkpoint 4 times
+    assert set(per_ckpt) <= {c.name for c in SEED_MODELS}  # the seed's checkpoints only
+    small = min(SEED_MODELS, key=lambda c: c.size_bytes).name
+    large = max(SEED_MODELS, key=lambda c: c.size_bytes).name
+    assert per_ckpt[small] > per_ckpt[large]  # 1/size weights
+    cycled = make_models(preset("testbed", size_assignment="cycle"))
+    assert Counter(m.name.split("-", 1)[1] for m in cycled) == {c.name: 4 for c in SEED_MODELS}
     pop = make_models(PRESETS["population"])
     assert len(pop) == POPULATION_MODELS == 1000 and len({m.name for m in pop}) == 1000
     per_size = Counter(m.size_bytes for m in pop)

@@ -265,8 +265,12 @@ def create_app(config: RouterConfig) -> FastAPI:
         field = "messages" if kind == "chat" else "prompt"
         blocks = prompt_blocks(body[field])
         why_not = trackable(kind, body)
-        replica = await router.autoscaler.pick(model, blocks)
-        headers = {"x-sllm-replica": replica.key}
+        waits: list[float] = []
+        replica = await router.autoscaler.pick(model, blocks, waits=waits)
+        # How long the request waited for a replica to start (0.000: one was ready), so a
+        # client can tell a cold start from a slow model.
+        waited = f"{sum(waits):.3f}"
+        headers = {"x-sllm-replica": replica.key, "x-sllm-start-wait": waited}
         if why_not is not None:
             moved: set[str] = set()
             while (response := await _passthrough(kind, body, replica)) is None:
@@ -278,6 +282,7 @@ def create_app(config: RouterConfig) -> FastAPI:
                                  "held it (model_moved); try again", "service_unavailable")
                 replica = await router.autoscaler.pick(model, blocks, exclude=moved)
             response.headers["x-sllm-replica"] = replica.key
+            response.headers["x-sllm-start-wait"] = waited
             return response
         stream = Stream(kind, model, body, max_tokens)
         task = asyncio.create_task(router.runner.run(stream, replica))

@@ -57,7 +57,9 @@ class Autoscaler:
     # -- choosing a replica -------------------------------------------------------------
 
     async def pick(self, model: str, blocks: list[bytes] | None = None,
-                   exclude: Iterable[str] = ()) -> Replica:
+                   exclude: Iterable[str] = (), waits: list[float] | None = None) -> Replica:
+        """A ready replica of `model` for a request, waiting for a start if none is; each
+        wait's seconds are appended to `waits` (none: a replica was ready)."""
         excluded = set(exclude)
         deadline = time.monotonic() + self.config.limits.start_timeout_s
         while True:
@@ -75,7 +77,10 @@ class Autoscaler:
                 if blocks:
                     self.prefix.record(replica.key, blocks)
                 return replica
+            began = time.monotonic()
             await self._wait_for_start(model, deadline)
+            if waits is not None:
+                waits.append(time.monotonic() - began)
 
     async def _wait_for_start(self, model: str, deadline: float) -> None:
         spec = self.config.models.get(model)

@@ -31,6 +31,26 @@ class Comparison:
     files: list[Path] = field(default_factory=list)
 
 
+def deployed(fleet: FleetConfig, models: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """Where the checkpoints are when the trace starts: each model's on the SSD of one
+    server, round robin in order of popularity, as registering a model with the fleet leaves
+    it (a node fetches a registered model into its SSD tier). Every policy starts from this
+    (the blind baselines' local caches included; KServe keeps no cache, so it has none)."""
+    names = fleet.server_names()
+    cached: dict[str, dict[str, list[str]]] = {n: {"ssd": []} for n in names}
+    for i, model in enumerate(models):
+        cached[names[i % len(names)]]["ssd"].append(model)
+    return cached
+
+
+def trace_rate(trace_path: str | Path, trace_format: str | None = None,
+               limit: int | None = None) -> float:
+    """The trace's mean request rate (requests per second)."""
+    trace = load_trace(trace_path, trace_format, limit=limit)
+    span = trace[-1].arrival_s - trace[0].arrival_s
+    return (len(trace) - 1) / span if span > 0 else float(len(trace))
+
+
 def compare(trace_path: str | Path, fleet: FleetConfig, workload: WorkloadConfig, *,
             policies: Sequence[str] = tuple(POLICIES), loads: Sequence[float] = (1.0,),
             trace_format: str | None = None, limit: int | None = None, seed: int = 0,
@@ -44,8 +64,9 @@ def compare(trace_path: str | Path, fleet: FleetConfig, workload: WorkloadConfig
     for load in loads:
         scaled = workload.model_copy(update={"time_scale": workload.time_scale * load})
         models, requests = make_workload(trace, scaled)
+        cached = deployed(fleet, [m.name for m in models])
         by_load[load] = [simulate(fleet, models, requests, policy, seed=seed,
-                                  progress=progress) for policy in policies]
+                                  progress=progress, cached=cached) for policy in policies]
         summaries[load] = [report.summarize(r) for r in by_load[load]]
     first = loads[0]
     comparison = Comparison(by_load, summaries, report.markdown_table(summaries[first]))
