@@ -215,6 +215,16 @@ def _cmd_node_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < rate <= 1e6:
+        raise argparse.ArgumentTypeError(f"a rate must be in (0, 1e6] requests/s: {text!r}")
+    return rate
+
+
 def _loads(text: str) -> list[float]:
     try:
         loads = [float(x) for x in text.split(",") if x.strip()]
@@ -254,7 +264,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         result = compare(args.trace, fleet, workload, policies=args.policies.split(","),
                          loads=args.loads, trace_format=args.format, limit=args.limit,
-                         seed=args.seed or 0, out=args.out, progress=not args.quiet)
+                         seed=args.seed or 0, out=args.out, progress=not args.quiet,
+                         load_label=f"load (x {rps:g} requests/s)")
     except (ConfigError, TraceError, ValidationError, ValueError) as e:
         print(f"sllm simulate: error: {e}", file=sys.stderr)
         return 2
@@ -463,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", type=_count(1), help="servers (default: the preset's)")
     p.add_argument("--models", type=_count(1), help="models (default: the preset's)")
     p.add_argument("--zipf", type=float, help="popularity exponent (default 1.0)")
-    p.add_argument("--rps", type=float, help="mean requests per second the trace is scaled to "
+    p.add_argument("--rps", type=_rate, help="mean requests per second the trace is scaled to "
                    "(default: testbed 0.5, fleet100 5)")
     p.add_argument("--loads", type=_loads, default=[1.0], help="load factors, comma separated "
                    "(each multiplies --rps; several draw TTFT against load)")

@@ -143,6 +143,12 @@ def write_json(path: str | Path, summaries: Sequence[Mapping[str, Any]], *,
     return _atomic_write(path, lambda f: f.write(data))
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (as `write_json`)."""
+    data = text.encode()
+    return _atomic_write(path, lambda f: f.write(data))
+
+
 def _fmt(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"

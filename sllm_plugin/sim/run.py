@@ -54,7 +54,8 @@ def trace_rate(trace_path: str | Path, trace_format: str | None = None,
 def compare(trace_path: str | Path, fleet: FleetConfig, workload: WorkloadConfig, *,
             policies: Sequence[str] = tuple(POLICIES), loads: Sequence[float] = (1.0,),
             trace_format: str | None = None, limit: int | None = None, seed: int = 0,
-            out: Path | None = None, progress: bool = False) -> Comparison:
+            out: Path | None = None, progress: bool = False,
+            load_label: str = "load (x the trace's request rate)") -> Comparison:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policy {unknown[0]!r} (one of: {', '.join(POLICIES)})")
@@ -78,13 +79,14 @@ def compare(trace_path: str | Path, fleet: FleetConfig, workload: WorkloadConfig
                 "policies": {p: POLICIES[p] for p in policies},
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         comparison.files.append(report.write_json(
-            out / "simulation.json", summaries[first], results=by_load[first],
+            out / "simulation.json", summaries[first],
             meta=meta | {"by_load": {str(k): v for k, v in summaries.items()}}))
-        table = out / "simulation.md"
-        table.write_text(comparison.table)
-        comparison.files.append(table)
+        # Every request of the first load, apart: megabytes for a whole trace.
+        comparison.files.append(report.write_json(
+            out / "requests.json", [], results=by_load[first], meta={"load": first}))
+        comparison.files.append(report.write_text(out / "simulation.md", comparison.table))
         comparison.files.append(report.plot_ttft_cdf(by_load[first], out / "ttft_cdf.png"))
         if len(loads) > 1:
             comparison.files.append(report.plot_latency_vs_load(
-                summaries, out / "ttft_vs_load.png"))
+                summaries, out / "ttft_vs_load.png", xlabel=load_label))
     return comparison
