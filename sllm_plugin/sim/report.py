@@ -13,19 +13,18 @@ draws with its Agg backend on a Figure of its own (no pyplot, no global backend 
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from sllm_plugin.sim.types import PolicyResult
+from sllm_plugin.store.private import write_atomic
 
 OURS = "sllm"  # the policy the table's ratios are relative to
 PERCENTILES = (50, 90, 99)
@@ -102,20 +101,10 @@ def summarize(result: PolicyResult) -> dict[str, Any]:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write `path` through a temporary file in its directory, then rename it into place."""
+def _atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write `path` through a private temporary file beside it, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data)
     return path
 
 
@@ -140,13 +129,13 @@ def write_json(path: str | Path, summaries: Sequence[Mapping[str, Any]], *,
     if results is not None:
         doc["records"] = {r.policy: [asdict(rec) for rec in r.records] for r in results}
     data = json.dumps(_jsonable(doc), indent=1, allow_nan=False).encode() + b"\n"
-    return _atomic_write(path, lambda f: f.write(data))
+    return _atomic_write(path, data)
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically (as `write_json`)."""
     data = text.encode()
-    return _atomic_write(path, lambda f: f.write(data))
+    return _atomic_write(path, data)
 
 
 def _fmt(x: float | None) -> str:
@@ -204,7 +193,9 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return _atomic_write(path, png.getvalue())
 
 
 def plot_ttft_cdf(results: Sequence[PolicyResult], path: str | Path, *,
