@@ -346,8 +346,6 @@ def _freeing_option(node: NodeView, model: str, nodes: Sequence[NodeView],
     for victim in node.replicas:
         if victim.model == model or not victim.ready:
             continue
-        if devices == 1 and node.free_devices + victim.devices < devices:
-            continue  # freeing it would still leave too few devices
         # Other ready replicas of its model (it counts itself: it is ready, its node healthy).
         targets = ready.get(victim.model, 0) - 1
         cost = migration.cost(victim.tokens_in_flight) if victim.running else 0.0
