@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import threading
@@ -278,8 +279,9 @@ def main() -> int:
         placements = router.call("GET", "/admin/placements").json()
     finally:
         router.stop()
-        for node in nodes:
+        for i, node in enumerate(nodes):
             node.stop()
+            shutil.rmtree(f"/dev/shm/sllm-validate-{os.getpid()}-{i}", ignore_errors=True)
     failed = [r for r in live if "error" in r]
     print(f"live: {len(live) - len(failed)} served, {len(failed)} failed; measured {m}",
           flush=True)
